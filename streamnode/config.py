@@ -1,0 +1,368 @@
+"""Typed node configuration, validated once at the edge; TOML presets and `--set` overrides.
+
+Everything inside the node trusts a `NodeConfig`: its values were checked here, with errors
+that name the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+NUM_TRAIN_TIMESTEPS_LCM = 50
+"""t_index values address the LCM schedule of 50 train-spaced steps (DESIGN.md)."""
+
+
+class ConfigError(ValueError):
+    """A bad preset, `--set` or flag. The message is one line per problem, naming the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelConfig(_Section):
+    id: str = Field("tiny", description="hub id, local diffusers folder, .safetensors file, or 'tiny'")
+    lcm_lora: str | None = Field(None, description="LCM-LoRA to fuse (hub id, folder or .safetensors)")
+    use_tiny_vae: bool = Field(True, description="TAESD-class VAE instead of the full VAE")
+    tiny_vae: str | None = Field(None, description="TAESD weights; default: the model's own or madebyollin/taesd")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    accel: Literal["auto", "eager", "compile", "tensorrt"] = "auto"
+    allow_build: bool = Field(True, description="build missing TensorRT engines at start")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        ok = v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit())
+        if not ok:
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return v
+
+
+class StreamConfig(_Section):
+    mode: Literal["img2img", "txt2img"] = "img2img"
+    width: int = Field(512, ge=64, le=2048, description="output width, multiple of 8")
+    height: int = Field(512, ge=64, le=2048, description="output height, multiple of 8")
+    t_index_list: list[int] = Field(default_factory=lambda: [32, 45], min_length=1, max_length=8)
+    strength: float | None = Field(None, ge=0.0, le=1.0, description="alias for a one-step t_index")
+    frame_buffer_size: int = Field(1, ge=1, le=8)
+    cfg_type: Literal["none", "full", "self", "initialize"] = "self"
+    prompt: str = Field("", max_length=4096)
+    negative_prompt: str = Field("", max_length=4096)
+    guidance_scale: float = Field(1.2, ge=0.0, le=20.0)
+    delta: float = Field(1.0, ge=0.0, le=5.0)
+    seed: int = Field(2, ge=0, le=2**32 - 1)
+    similarity_threshold: float = Field(0.98, ge=0.0, le=1.0, description="0 disables the filter")
+    similarity_max_skip: int = Field(10, ge=0, le=1000)
+    prompt_transition_frames: int = Field(4, ge=0, le=600)
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8 (e.g. {v - v % 8} or {v - v % 8 + 8})")
+        return v
+
+    @field_validator("t_index_list")
+    @classmethod
+    def _t_index(cls, v: list[int]) -> list[int]:
+        if any(not 0 <= t < NUM_TRAIN_TIMESTEPS_LCM for t in v):
+            raise ValueError(f"every index must be in 0..{NUM_TRAIN_TIMESTEPS_LCM - 1}")
+        if any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError("indices must be strictly increasing, e.g. [32, 45]")
+        return v
+
+    @field_validator("guidance_scale", "delta", "similarity_threshold", "strength")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+
+class SourceConfig(_Section):
+    uri: str = Field("test://moving", description="test://, file://, webcam://, ndi://, spout://, shm://")
+    fps: float = Field(30.0, gt=0.0, le=1000.0, description="pace of test:// and file:// sources")
+    fit: Literal["cover", "contain", "stretch"] = "cover"
+    loop: bool = Field(True, description="file:// sources start again at the end (False: --once)")
+    lost_timeout_s: float = Field(5.0, ge=0.0, description="after this long without frames, show black")
+    ndi_discovery: list[str] = Field(default_factory=list, description="extra NDI discovery addresses")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if "://" not in v:
+            raise ValueError("must be a URI such as test://moving, file://clip.mp4, ndi://Name, shm://name")
+        return v
+
+    @field_validator("ndi_discovery", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+
+class OscConfig(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(7000, ge=0, le=65535, description="0 picks a free port")
+    reply: str | None = Field(None, description="host:port for replies; default: sender host, port 7001")
+    reply_port: int = Field(7001, ge=1, le=65535)
+    prefix: str = Field("", description="address prefix such as /vj1")
+    allow: list[str] = Field(default_factory=list, description="CIDR networks allowed to send")
+    oscquery_port: int | None = Field(None, ge=0, le=65535, description="HTTP port for OSCQuery")
+    allow_model_switch: bool = False
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if v and (not v.startswith("/") or v.endswith("/") or " " in v):
+            raise ValueError("must look like /vj1 (leading slash, no trailing slash, no spaces)")
+        return v
+
+    @field_validator("reply")
+    @classmethod
+    def _reply(cls, v: str | None) -> str | None:
+        if v is not None:
+            host, _, port = v.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("must be host:port, e.g. 127.0.0.1:7001")
+        return v
+
+    @field_validator("allow", mode="before")
+    @classmethod
+    def _allow(cls, v: Any) -> Any:
+        items = [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+        for item in items:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as e:
+                raise ValueError(f"{item!r} is not a network such as 192.168.1.0/24") from e
+        return items
+
+    @model_validator(mode="after")
+    def _open_needs_allow(self) -> OscConfig:
+        loopback = self.host in ("127.0.0.1", "localhost", "::1")
+        if self.enabled and not loopback and not self.allow:
+            raise ValueError(
+                f"osc.host={self.host} listens beyond this machine: give an allow-list, "
+                "e.g. --osc-allow 192.168.1.0/24"
+            )
+        return self
+
+
+class BrushConfig(_Section):
+    prompt: str = Field("", max_length=4096)
+    negative_prompt: str = Field("", max_length=4096)
+    mask: str | None = Field(None, description="PNG path, or None for a shape")
+    rect: tuple[float, float, float, float] | None = Field(None, description="x y w h, normalised")
+    circle: tuple[float, float, float] | None = Field(None, description="x y r, normalised")
+    mask_strength: float = Field(1.0, ge=0.0, le=1.0)
+    mask_blur: float = Field(0.0, ge=0.0, le=256.0, description="std in pixels")
+    prompt_strength: float = Field(0.95, ge=0.0, le=1.0)
+    enabled: bool = True
+
+
+class RuntimeConfig(_Section):
+    no_drop: bool = Field(False, description="process every frame in order (offline renders)")
+    duration: float | None = Field(None, gt=0.0, description="stop after this many seconds")
+    max_frames: int | None = Field(None, gt=0, description="stop after this many output frames")
+    ring_slots: int = Field(4, ge=2, le=64)
+    metrics_interval_s: float = Field(5.0, gt=0.0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_brushes: int = Field(8, ge=0, le=32)
+
+
+class NodeConfig(_Section):
+    description: str = ""
+    model: ModelConfig = ModelConfig()
+    stream: StreamConfig = StreamConfig()
+    source: SourceConfig = SourceConfig()
+    sinks: list[str] = Field(default_factory=lambda: ["null://"], min_length=1)
+    osc: OscConfig = OscConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    brushes: list[BrushConfig] = Field(default_factory=list)
+
+    @field_validator("sinks")
+    @classmethod
+    def _sinks(cls, v: list[str]) -> list[str]:
+        for uri in v:
+            if "://" not in uri:
+                raise ValueError(f"{uri!r} must be a URI such as null://, file://out.mp4, shm://name")
+        return v
+
+    @model_validator(mode="after")
+    def _brush_count(self) -> NodeConfig:
+        if len(self.brushes) > self.runtime.max_brushes:
+            raise ValueError(f"{len(self.brushes)} brushes given, runtime.max_brushes is {self.runtime.max_brushes}")
+        return self
+
+
+# -- presets -------------------------------------------------------------------------------
+
+
+def preset_dirs() -> list[Path]:
+    """Where `--preset NAME` looks: the user's folder first, then the shipped presets."""
+    dirs = []
+    if env := os.environ.get("STREAMNODE_PRESETS"):
+        dirs += [Path(p) for p in env.split(os.pathsep) if p]
+    dirs.append(user_preset_dir())
+    dirs.append(shipped_preset_dir())
+    return dirs
+
+
+def shipped_preset_dir() -> Path:
+    """`presets/` beside the package in a checkout; the `streamnode.presets` data package in a wheel."""
+    checkout = Path(__file__).resolve().parent.parent / "presets"
+    if checkout.is_dir():
+        return checkout
+    return Path(str(resources.files("streamnode.presets")))
+
+
+def user_preset_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "streamnode" / "presets"
+
+
+def cache_dir() -> Path:
+    """The user cache: the tiny model, TensorRT engines. `STREAMNODE_CACHE` overrides it."""
+    if env := os.environ.get("STREAMNODE_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "streamnode"
+
+
+def is_preset_name(name: str) -> bool:
+    """Preset names are bare file stems: no paths, no dots, nothing that could escape a folder."""
+    return bool(name) and len(name) <= 64 and all(c.isalnum() or c in "-_" for c in name)
+
+
+def find_preset(name: str) -> Path:
+    if not is_preset_name(name):
+        raise ConfigError(f"preset {name!r}: a preset is a name such as 'demo' (letters, digits, - and _)")
+    for d in preset_dirs():
+        path = d / f"{name}.toml"
+        if path.is_file():
+            return path
+    raise ConfigError(f"preset {name!r} not found; `streamnode presets` lists: {', '.join(list_presets())}")
+
+
+def list_presets() -> dict[str, str]:
+    """Preset name → its one-line description; a user preset shadows a shipped one."""
+    found: dict[str, str] = {}
+    for d in reversed(preset_dirs()):
+        for path in sorted(d.glob("*.toml")) if d.is_dir() else []:
+            try:
+                desc = str(tomllib.loads(path.read_text(encoding="utf-8")).get("description", ""))
+            except (OSError, tomllib.TOMLDecodeError) as e:
+                desc = f"(unreadable: {e})"
+            found[path.stem] = desc
+    return dict(sorted(found.items()))
+
+
+def read_preset(name: str) -> dict[str, Any]:
+    path = find_preset(name)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"preset {path}: not valid TOML: {e}") from e
+
+
+# -- overrides -----------------------------------------------------------------------------
+
+
+def parse_set(assignment: str) -> tuple[list[str], Any]:
+    """`stream.guidance_scale=1.4` → (["stream", "guidance_scale"], 1.4).
+
+    The value is read as a TOML value (numbers, booleans, lists, quoted strings); anything
+    that is not valid TOML is taken as a plain string, and the schema decides if that is ok.
+    """
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part.isidentifier() for part in key.split(".")):
+        raise ConfigError(f"--set {assignment!r}: write KEY=VALUE, e.g. --set stream.guidance_scale=1.4")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def _merge(base: dict[str, Any], path: list[str], value: Any) -> None:
+    node = base
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {part!r} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _describe(err: dict[str, Any], data: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "(top level)"
+    value: Any = data
+    for part in err["loc"]:
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            value = None
+            break
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        section = ".".join(loc[:-1])
+        model = NodeConfig
+        for part in loc[:-1]:
+            field = model.model_fields.get(part)
+            ann = getattr(field, "annotation", None)
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            if model is None:
+                break
+        allowed = ", ".join(model.model_fields) if model else "see `streamnode run --help`"
+        return f"config: unknown key {key!r}; keys allowed in {section or 'the top level'}: {allowed}"
+    if err["type"] == "literal_error":
+        return f"config: {key} = {value!r} is not allowed: {msg}"
+    return f"config: {key} = {value!r} is not valid: {msg}"
+
+
+def build_config(data: dict[str, Any]) -> NodeConfig:
+    try:
+        return NodeConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError("\n".join(_describe(err, data) for err in e.errors())) from None
+
+
+def load_config(
+    preset: str | None = None,
+    sets: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    preset_file: str | os.PathLike[str] | None = None,
+) -> NodeConfig:
+    """Preset (by name or file) → dotted `overrides` from short flags → `--set` lines → validate."""
+    data: dict[str, Any] = {}
+    if preset_file is not None:
+        try:
+            data = tomllib.loads(Path(preset_file).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"config file {preset_file}: {e}") from None
+    elif preset is not None:
+        data = read_preset(preset)
+    for key, value in (overrides or {}).items():
+        _merge(data, key.split("."), value)
+    for assignment in sets or []:
+        path, value = parse_set(assignment)
+        _merge(data, path, value)
+    return build_config(data)
