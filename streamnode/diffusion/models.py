@@ -178,7 +178,7 @@ def _load_folder(path: Path, variant: str | None) -> dict[str, Any]:
             # Whatever scheduler the model shipped with, the stream engine steps with LCM.
             "scheduler": LCMScheduler.from_config(LCMScheduler.load_config(path / "scheduler")),
         }
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load {path}: {str(e).splitlines()[0]}") from None
 
 
