@@ -1,0 +1,920 @@
+"""StreamEngine: StreamDiffusion-style stream-batch img2img / txt2img (DESIGN.md, "The stream-batch engine").
+
+Notation: T = len(t_index_list) denoising stages, F = frame_buffer_size frames per call,
+B = T·F rows. Rows are laid out stage-major, then frame: row k·F + f is frame f at stage k.
+Stage 0 holds the newest frames, stage T−1 the frames that leave (are decoded) this call.
+For stage k: τ_k, a_k = sqrt(ᾱ(τ_k)), b_k = sqrt(1 − ᾱ(τ_k)), c_skip_k, c_out_k (schedule.py),
+and a fixed noise n_k drawn once per seed and shared by the F frames of the stage (so
+consecutive frames see the same noise: that is what keeps the video temporally stable).
+
+One call (`_stream_step`):
+
+    X_0     = a_0·E(frame) + b_0·n_0                           the new frames enter stage 0
+    X_k     = a_k·x0_{k−1} + b_k·n_k          (k ≥ 1)          last call's x0 of stage k−1, re-noised
+    ε       = UNet([negative rows ;] X, τ, embeddings)          ONE call, `batch_rows` rows
+    ε̂       = ε_u + g·(ε_c − ε_u)   if g > 1, else ε_c          (RCFG below)
+    x0_k    = c_out_k·(X_k − b_k·ε̂_k)/a_k + c_skip_k·X_k        LCM step with boundary condition
+    output  = D(x0_{T−1})
+
+The state carried from call to call is x0 of every stage (and, for self/initialize, the
+RCFG residual R below); the re-noising to the next stage happens at the start of the next
+call with the schedule and noises in force *then*. So a seed or t_index change takes effect
+on the very next frame without any half-denoised latent: every row is a clean x0 estimate
+re-noised to exactly its stage's level.
+
+RCFG (`cfg_type`) and UNet rows per call:
+    none        B       ε̂ = ε_c
+    full        2B      ε_u = UNet(X, negative prompt) for every row
+    self        B       ε_u = δ·s, s the "stock noise" carried per row (no UNet cost)
+    initialize  B + F   like self, but stage 0 evaluates the real negative prompt: s_0 ← ε_neg
+The stock noise of row i at stage k: s = n_0 for stage 0, and s_k = n_k + (a_k/b_k)·R_{k−1}
+for k ≥ 1, with the residual R = c_out·b·(s − ε̂)/a + c_skip·b·s of the previous stage. If the
+latent is X = a·z + b·s (z the input frame's latent), x0 = z + (b/a)(s − ε̂): s is the noise
+the latent still carries relative to the input, so δ·s as the negative pushes the result away
+from the unmodified input at no UNet cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+
+from streamnode.config import StreamConfig
+from streamnode.diffusion.prompts import BLEND_METHODS, PromptCache, blend_embeddings, check_weights
+from streamnode.diffusion.schedule import LcmSchedule, strength_to_t_index
+from streamnode.diffusion.similarity import SimilarityFilter
+
+logger = logging.getLogger(__name__)
+
+CfgType = Literal["none", "full", "self", "initialize"]
+CFG_TYPES: tuple[str, ...] = ("none", "full", "self", "initialize")
+
+UnetCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(x (rows, 4, h, w), t (rows,) long, embeddings (rows, 77, D)) → model output (rows, 4, h, w)."""
+VaeCall = Callable[[torch.Tensor], torch.Tensor]
+
+UPDATE_KEYS = frozenset(
+    {
+        "prompt",
+        "negative_prompt",
+        "prompt_blend",
+        "prompt_transition_frames",
+        "blend_method",
+        "guidance_scale",
+        "delta",
+        "strength",
+        "t_index_list",
+        "seed",
+        "seed_blend",
+        "similarity_threshold",
+        "similarity_max_skip",
+    }
+)
+"""What `StreamEngine.update()` accepts: the node's ENGINE_KEYS plus `blend_method`."""
+
+# Live fields whose change alters the output: after one, the similarity filter stands aside until
+# the change has flowed through every stage (a static input would otherwise freeze the old look).
+_OUTPUT_FIELDS = frozenset(
+    {"prompt_blend", "negative_prompt", "blend_method", "guidance_scale", "delta", "t_index_list", "seed_blend"}
+)
+
+_FLOAT_FRAME_SLACK = 1e-3
+"""Float frames are RGB in [0, 1]; this much rounding outside is tolerated (and clamped by the VAE)."""
+
+
+@dataclass(frozen=True)
+class LiveParams:
+    """The live parameters in force. Replaced as a whole by `update()`, read by every frame."""
+
+    prompt_blend: tuple[tuple[str, float], ...] = (("", 1.0),)
+    negative_prompt: str = ""
+    blend_method: str = "linear"
+    prompt_transition_frames: int = 4
+    guidance_scale: float = 1.2
+    delta: float = 1.0
+    t_index_list: tuple[int, ...] = (32, 45)
+    strength: float | None = None
+    seed_blend: tuple[tuple[int, float], ...] = ((2, 1.0),)
+    similarity_threshold: float = 0.0
+    similarity_max_skip: int = 10
+
+    @property
+    def prompt(self) -> str | None:
+        """The prompt when a single one is in force; None while a weighted blend is."""
+        return self.prompt_blend[0][0] if len(self.prompt_blend) == 1 else None
+
+    @property
+    def seed(self) -> int | None:
+        """The seed when a single one is in force; None while a seed blend is."""
+        return self.seed_blend[0][0] if len(self.seed_blend) == 1 else None
+
+
+class _Kind(NamedTuple):
+    """What the caller gave, so the output comes back as the same kind and shape."""
+
+    container: Literal["np", "u8", "float"]
+    batched: bool
+    device: torch.device | None = None
+    dtype: torch.dtype | None = None
+
+
+def _check_stream_values(values: dict[str, Any]) -> dict[str, Any]:
+    """Validate against `StreamConfig`'s own limits, so the engine and the config never disagree."""
+    try:
+        checked = StreamConfig.model_validate(values)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            key = str(err["loc"][0]) if err["loc"] else "?"
+            message = str(err["msg"]).removeprefix("Value error, ")
+            problems.append(f"{key} = {values.get(key)!r} is not valid: {message}")
+        raise ValueError("; ".join(problems)) from None
+    return {key: getattr(checked, key) for key in values}
+
+
+def _pairs(value: Any, what: str) -> list[tuple[Any, Any]]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError(f"{what}: give a list of (value, weight) pairs, e.g. [('a cat', 0.7), ('a dog', 0.3)]")
+    pairs = []
+    for item in value:
+        if isinstance(item, (str, bytes)) or not isinstance(item, Sequence) or len(item) != 2:
+            raise ValueError(f"{what}: {item!r} is not a (value, weight) pair")
+        pairs.append((item[0], item[1]))
+    if not pairs:
+        raise ValueError(f"{what}: give at least one (value, weight) pair")
+    return pairs
+
+
+class StreamEngine:
+    """Stream-batch img2img / txt2img over one set of model components.
+
+    Frozen at construction: the components, width, height, frame_buffer_size, cfg_type.
+    Live (`update()`, applied between frames): prompts, guidance, delta, t_index_list /
+    strength, seed, similarity filter, prompt transition; `params` is what is in force.
+
+    Backends are swappable: `unet_call(x, t, emb)`, `vae_encode(img)` and `vae_decode(z)`
+    are plain attributes and every UNet/VAE evaluation (stream, warm fill, reference) goes
+    through them. The UNet batch has `batch_rows` rows, fixed by (T, F, cfg_type); the
+    images handed to the VAE are (N, 3, H, W) in [-1, 1] in channels-last memory, latents
+    (N, 4, H/8, W/8). `stats` counts unet_calls, vae_encodes, vae_decodes, text_encodes,
+    frames and skipped (both in frames, F per call) and warm_fills.
+
+    Not thread-safe: one thread calls frames and `update()` (the node's engine thread).
+    """
+
+    def __init__(
+        self,
+        components: Any,
+        *,
+        t_index_list: Sequence[int] = (32, 45),
+        width: int = 512,
+        height: int = 512,
+        frame_buffer_size: int = 1,
+        cfg_type: CfgType = "self",
+        seed: int = 2,
+        strength: float | None = None,
+        similarity_threshold: float = 0.0,
+        similarity_max_skip: int = 10,
+        prompt_transition_frames: int = 4,
+        blend_method: str = "linear",
+        prompt_cache_size: int = 64,
+    ) -> None:
+        fixed = _check_stream_values(
+            {"width": width, "height": height, "frame_buffer_size": frame_buffer_size, "cfg_type": cfg_type}
+        )
+        unet_config = components.unet.config
+        if getattr(unet_config, "time_cond_proj_dim", None):
+            raise ValueError(
+                "this UNet expects a guidance embedding (a full LCM model such as LCM_Dreamshaper); "
+                "use its base model with lcm_lora=... instead"
+            )
+        prediction = components.scheduler.config.prediction_type
+        if prediction not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"scheduler prediction_type {prediction!r} is not supported")
+
+        self.components = components
+        self.width: int = fixed["width"]
+        self.height: int = fixed["height"]
+        self.frame_buffer_size: int = fixed["frame_buffer_size"]
+        self.cfg_type: str = fixed["cfg_type"]
+        self.device: torch.device = components.device
+        self.dtype: torch.dtype = components.dtype
+        factor = components.vae_scale_factor
+        self.latent_shape = (int(unet_config.in_channels), self.height // factor, self.width // factor)
+        self._prediction = prediction
+
+        self.stats: dict[str, int] = dict.fromkeys(
+            ("unet_calls", "vae_encodes", "vae_decodes", "text_encodes", "frames", "skipped", "warm_fills"), 0
+        )
+
+        # The acceleration seam: replace these three to swap backends (accel/).
+        unet = components.unet
+
+        def eager_unet(x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+            return unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+
+        self.unet_call: UnetCall = eager_unet
+        self.vae_encode: VaeCall = components.encode_image
+        self.vae_decode: VaeCall = components.decode_latents
+
+        # A private scheduler: configuring it (set_timesteps) must not touch the shared components.
+        self._scheduler = type(components.scheduler).from_config(components.scheduler.config)
+        self._prompts = PromptCache(self._encode_texts, maxsize=prompt_cache_size)
+        self._filter = SimilarityFilter(seed=seed)
+        # For converting v / x0 predictions to ε: sqrt(ᾱ(t)), sqrt(1 − ᾱ(t)) for every train t.
+        acp = self._scheduler.alphas_cumprod.double()
+        self._sqrt_acp = acp.sqrt().to(self.device, self.dtype)
+        self._sqrt_1m_acp = (1.0 - acp).sqrt().to(self.device, self.dtype)
+
+        F = self.frame_buffer_size
+        # Channels-last (NHWC memory): a uint8 H×W×3 frame converts in one contiguous pass, and
+        # the VAE's convolutions run faster on NHWC (oneDNN on the CPU, cuDNN on the GPU).
+        self._img = torch.empty(
+            (F, 3, self.height, self.width), device=self.device, dtype=self.dtype
+        ).contiguous(memory_format=torch.channels_last)
+        self._minus_one = torch.tensor(-1.0, device=self.device, dtype=self.dtype)
+        # Output levels in float32, channels-last: memory already in H×W×3 order, so the uint8
+        # conversion is a contiguous cast (the CHW → HWC transpose rides on the scaling pass).
+        self._levels = torch.empty(
+            (F, 3, self.height, self.width), device=self.device, dtype=torch.float32
+        ).contiguous(memory_format=torch.channels_last)
+        self._level_offset = torch.tensor(128.0, device=self.device, dtype=torch.float32)
+        # Pinned staging: numpy frames reach the GPU by one asynchronous copy.
+        self._pinned: torch.Tensor | None = None
+        self._u8: torch.Tensor | None = None
+        if self.device.type == "cuda":
+            self._pinned = torch.empty((F, self.height, self.width, 3), dtype=torch.uint8, pin_memory=True)
+            self._u8 = torch.empty((F, self.height, self.width, 3), dtype=torch.uint8, device=self.device)
+
+        # Filled by prepare() → _apply().
+        self.params = LiveParams()
+        self._schedule: LcmSchedule | None = None
+        self._stage_noise: torch.Tensor | None = None  # (T, 4, h, w) float32 CPU, one per stage
+        self._emb_current: torch.Tensor | None = None  # (2, 77, D): [negative, positive]
+        self._transition: list[Any] | None = None  # [from, to, frames done, frames total]
+        self._rows_dirty = True
+        self._cold = True
+        self._settle = 0
+        self._x0_prev: torch.Tensor | None = None
+        self._resid_prev: torch.Tensor | None = None
+        self._last_image: torch.Tensor | None = None
+
+        if strength is not None:
+            # strength keeps T = len(t_index_list) and picks the indices (schedule.strength_to_t_index).
+            t_index_list = strength_to_t_index(float(strength), len(list(t_index_list)))
+        init: dict[str, Any] = {
+            "t_index_list": list(t_index_list),
+            "seed": seed,
+            "similarity_threshold": similarity_threshold,
+            "similarity_max_skip": similarity_max_skip,
+            "prompt_transition_frames": prompt_transition_frames,
+            "blend_method": blend_method,
+        }
+        self._initial = init
+        self.prepare()
+
+    # -- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_components(cls, components: Any, **kwargs: Any) -> StreamEngine:
+        """Build on already loaded components (tests share one set across many engines)."""
+        return cls(components, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        *,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        use_tiny_vae: bool = True,
+        tiny_vae: str | None = None,
+        lcm_lora: str | None = None,
+        cpu_threads: int | None = None,
+        **kwargs: Any,
+    ) -> StreamEngine:
+        """Load `model` (hub id, folder, .safetensors or 'tiny') and build an engine on it."""
+        from streamnode.diffusion.models import load_components
+
+        components = load_components(
+            model, device=device, dtype=dtype, use_tiny_vae=use_tiny_vae, tiny_vae=tiny_vae, lcm_lora=lcm_lora,
+            cpu_threads=cpu_threads,
+        )
+        return cls(components, **kwargs)
+
+    # -- read-only views -------------------------------------------------------------------
+
+    @property
+    def t_index_list(self) -> list[int]:
+        return list(self.params.t_index_list)
+
+    @property
+    def steps(self) -> int:
+        """T: denoising stages per frame (frames leave T − 1 calls after they enter)."""
+        return len(self.params.t_index_list)
+
+    @property
+    def negative_rows(self) -> int:
+        """UNet rows evaluated with the negative prompt (they come first): B for full, F for initialize."""
+        B = self.steps * self.frame_buffer_size
+        return {"none": 0, "self": 0, "full": B, "initialize": self.frame_buffer_size}[self.cfg_type]
+
+    @property
+    def batch_rows(self) -> int:
+        """Rows of the one UNet call per frame: B (none, self), 2B (full), B + F (initialize)."""
+        return self.steps * self.frame_buffer_size + self.negative_rows
+
+    @property
+    def schedule(self) -> LcmSchedule:
+        assert self._schedule is not None
+        return self._schedule
+
+    @property
+    def stage_noise(self) -> torch.Tensor:
+        """The fixed noises n_0 … n_{T−1}, (T, 4, h, w) float32 on the CPU (a copy)."""
+        assert self._stage_noise is not None
+        return self._stage_noise.clone()
+
+    def __repr__(self) -> str:
+        return (
+            f"StreamEngine({self.width}x{self.height}, t_index_list={self.t_index_list}, "
+            f"frame_buffer_size={self.frame_buffer_size}, cfg_type={self.cfg_type!r}, "
+            f"batch_rows={self.batch_rows}, device={self.device}, dtype={self.dtype})"
+        )
+
+    @property
+    def warm(self) -> bool:
+        """False until the first frame after prepare() has filled the stream buffer."""
+        return not self._cold
+
+    # -- live parameters -------------------------------------------------------------------
+
+    def prepare(
+        self,
+        prompt: str | None = None,
+        negative_prompt: str = "",
+        guidance_scale: float = 1.2,
+        delta: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        """Set the parameters at once (no transition) and empty the stream.
+
+        Accepts every `update()` key. The next frame (img2img or txt2img) fills the stream
+        buffer by running the pipeline on itself (T − 1 extra UNet calls, once), so the very
+        first output is already a fully denoised frame: equal to `reference(frame)`.
+        """
+        values: dict[str, Any] = dict(self._initial)
+        self._initial = {}
+        values.update(negative_prompt=negative_prompt, guidance_scale=guidance_scale, delta=delta, **kwargs)
+        if prompt is not None or "prompt_blend" not in kwargs:
+            values["prompt"] = "" if prompt is None else prompt
+        if "strength" in kwargs or "seed_blend" in kwargs:
+            # Given here, they replace the constructor's t_index_list / seed.
+            values.pop("t_index_list" if "strength" in kwargs else "seed", None)
+        self._apply(values, transition=False)
+        self._cold = True
+        self._transition = None
+        self._settle = 0
+        self._filter.reset()
+        self._last_image = None
+
+    def update(self, **kwargs: Any) -> None:
+        """Apply live parameters between frames; all are validated before any is applied.
+
+        prompt / prompt_blend / negative_prompt / blend_method: blend from the current
+            embeddings to the new ones over `prompt_transition_frames` processed frames.
+        prompt_blend: [(text, weight), ...], mixed by `blend_method` ("linear" or "slerp").
+        guidance_scale, delta: the next frame.
+        t_index_list or strength (not both; strength keeps T, see schedule.strength_to_t_index),
+        seed or seed_blend ([(seed, weight), ...]): the next frame re-noises every stage's last
+            x0 estimate with the new schedule / noises; no UNet work is added and no
+            half-denoised frame is returned. A change of T changes `batch_rows`.
+        similarity_threshold (0 disables), similarity_max_skip, prompt_transition_frames.
+
+        Raises ValueError (the engine unchanged) for an unknown key or a bad value.
+        """
+        if kwargs:
+            self._apply(kwargs, transition=True)
+
+    def _apply(self, kwargs: dict[str, Any], *, transition: bool) -> None:
+        with torch.inference_mode():
+            new, derived = self._validated(kwargs)
+            self._commit(new, derived, transition=transition)
+
+    def _validated(self, kwargs: dict[str, Any]) -> tuple[LiveParams, dict[str, Any]]:
+        """Check every value and compute what they feed (embeddings, schedule, noises); mutate nothing."""
+        unknown = sorted(set(kwargs) - UPDATE_KEYS)
+        if unknown:
+            raise ValueError(f"unknown engine parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(UPDATE_KEYS))}")
+        for a, b in (("prompt", "prompt_blend"), ("seed", "seed_blend"), ("t_index_list", "strength")):
+            if a in kwargs and b in kwargs and kwargs[b] is not None:
+                raise ValueError(f"give {a} or {b}, not both")
+
+        plain = {k: v for k, v in kwargs.items() if k in StreamConfig.model_fields}
+        checked = _check_stream_values(plain)
+        changes: dict[str, Any] = {}
+        for key in ("negative_prompt", "guidance_scale", "delta", "similarity_threshold",
+                    "similarity_max_skip", "prompt_transition_frames"):
+            if key in checked:
+                changes[key] = checked[key]
+        if "prompt" in checked:
+            changes["prompt_blend"] = ((checked["prompt"], 1.0),)
+        if "prompt_blend" in kwargs:
+            pairs = _pairs(kwargs["prompt_blend"], "prompt_blend")
+            texts = [_check_stream_values({"prompt": text})["prompt"] for text, _ in pairs]
+            weights = check_weights([w for _, w in pairs], "prompt_blend")
+            changes["prompt_blend"] = tuple(zip(texts, weights, strict=True))
+        if "blend_method" in kwargs:
+            if kwargs["blend_method"] not in BLEND_METHODS:
+                raise ValueError(f"blend_method = {kwargs['blend_method']!r}: must be one of {', '.join(BLEND_METHODS)}")
+            changes["blend_method"] = kwargs["blend_method"]
+        if "seed" in checked:
+            changes["seed_blend"] = ((checked["seed"], 1.0),)
+        if "seed_blend" in kwargs:
+            pairs = _pairs(kwargs["seed_blend"], "seed_blend")
+            seeds = []
+            for s, _ in pairs:
+                if isinstance(s, bool) or (isinstance(s, float) and not s.is_integer()):
+                    raise ValueError(f"seed_blend: seed {s!r} is not an integer")
+                seeds.append(_check_stream_values({"seed": s})["seed"])
+            weights = check_weights([w for _, w in pairs], "seed_blend")
+            changes["seed_blend"] = tuple(zip(seeds, weights, strict=True))
+        if "t_index_list" in checked:
+            changes["t_index_list"] = tuple(checked["t_index_list"])
+            changes["strength"] = None
+        if checked.get("strength") is not None:
+            steps = len(changes.get("t_index_list", self.params.t_index_list))
+            changes["t_index_list"] = tuple(strength_to_t_index(checked["strength"], steps))
+            changes["strength"] = checked["strength"]
+
+        old = self.params
+        new = dataclasses.replace(old, **changes)
+        derived: dict[str, Any] = {}
+        first = self._emb_current is None
+        if first or (new.prompt_blend, new.negative_prompt, new.blend_method) != (
+            old.prompt_blend, old.negative_prompt, old.blend_method
+        ):
+            derived["embeddings"] = self._embeddings_for(new)
+        if self._schedule is None or new.t_index_list != old.t_index_list:
+            derived["schedule"] = LcmSchedule.from_scheduler(self._scheduler, new.t_index_list)
+        if self._stage_noise is None or new.seed_blend != old.seed_blend or len(new.t_index_list) != self.steps:
+            derived["noise"] = self._noise_for(new.seed_blend, len(new.t_index_list))
+        return new, derived
+
+    def _commit(self, new: LiveParams, derived: dict[str, Any], *, transition: bool) -> None:
+        old, self.params = self.params, new
+        self._filter.configure(new.similarity_threshold, new.similarity_max_skip)
+        if "embeddings" in derived:
+            target = derived["embeddings"]
+            frames = new.prompt_transition_frames
+            if transition and not self._cold and frames > 0 and self._emb_current is not None:
+                self._transition = [self._emb_current, target, 0, frames]
+            else:
+                self._emb_current, self._transition = target, None
+                self._rows_dirty = True
+        if "noise" in derived:
+            self._stage_noise = derived["noise"]
+        if "schedule" in derived or "noise" in derived:
+            self._build_layout(derived.get("schedule", self._schedule), old_steps=len(old.t_index_list))
+        changed = {f.name for f in dataclasses.fields(LiveParams) if getattr(old, f.name) != getattr(new, f.name)}
+        if changed & _OUTPUT_FIELDS:
+            self._settle = max(self._settle, new.prompt_transition_frames + self.steps)
+        if changed:
+            logger.debug("engine parameters: %s", ", ".join(f"{k}={getattr(new, k)!r}" for k in sorted(changed)))
+
+    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
+        self.stats["text_encodes"] += len(texts)
+        emb = self.components.encode_text(texts)
+        if emb.shape[-1] != self.components.cross_attention_dim:
+            raise ValueError(
+                f"text encoder gives width {emb.shape[-1]}, the UNet cross-attends over "
+                f"{self.components.cross_attention_dim}: the text encoder does not belong to this UNet"
+            )
+        return emb
+
+    def _embeddings_for(self, params: LiveParams) -> torch.Tensor:
+        """(2, 77, D): [negative, blended positive], every text served by the LRU cache."""
+        texts = [params.negative_prompt, *(text for text, _ in params.prompt_blend)]
+        embs = self._prompts.get_many(texts)
+        positive = blend_embeddings(embs[1:], [w for _, w in params.prompt_blend], params.blend_method)
+        return torch.cat([embs[0], positive]).to(self.device, self.dtype)
+
+    def _noise_for(self, seed_blend: tuple[tuple[int, float], ...], steps: int) -> torch.Tensor:
+        """Fixed noises n_0 … n_{T−1}: (T, 4, h, w) float32.
+
+        Seed s: `torch.Generator("cpu").manual_seed(s)`, then one `torch.randn((4, h, w))`
+        draw per stage, in stage order (so n_k does not depend on T, and the CPU and the GPU
+        see the same noise). A seed blend is Σ wᵢ·nᵢ / sqrt(Σ wᵢ²): for independent noises that
+        is again a standard normal, so a blend is as noisy as a single seed.
+        """
+        total = torch.zeros((steps, *self.latent_shape), dtype=torch.float32)
+        for seed, weight in seed_blend:
+            if weight == 0.0:
+                continue
+            generator = torch.Generator(device="cpu").manual_seed(int(seed))
+            draws = [torch.randn(self.latent_shape, generator=generator, dtype=torch.float32) for _ in range(steps)]
+            total += weight * torch.stack(draws)
+        return total / math.sqrt(sum(w * w for _, w in seed_blend))
+
+    def _build_layout(self, schedule: LcmSchedule, *, old_steps: int) -> None:
+        """Per-row tensors for the current T, F and cfg_type; carried x0 / R remapped if T changed."""
+        T, F = schedule.steps, self.frame_buffer_size
+        B = T * F
+        self._schedule = schedule
+        n_neg = {"none": 0, "self": 0, "full": B, "initialize": F}[self.cfg_type]
+
+        def per_row(values: torch.Tensor) -> torch.Tensor:
+            return values.repeat_interleave(F).view(B, 1, 1, 1).to(self.device, self.dtype)
+
+        self._a = per_row(schedule.alpha)
+        self._b = per_row(schedule.beta)
+        self._c_skip = per_row(schedule.c_skip)
+        self._c_out = per_row(schedule.c_out)
+        self._a_over_b = per_row(schedule.alpha / schedule.beta)
+        assert self._stage_noise is not None
+        self._noise = self._stage_noise.repeat_interleave(F, dim=0).to(self.device, self.dtype)
+        t_rows = schedule.timesteps.repeat_interleave(F).to(self.device)
+        # Negative rows come first and are the first n_neg stage rows again (all of them, or stage 0).
+        self._unet_t = torch.cat([t_rows[:n_neg], t_rows])
+        rows = n_neg + B
+        if getattr(self, "_unet_in", None) is None or self._unet_in.shape[0] != rows:
+            self._unet_in = torch.zeros((rows, *self.latent_shape), device=self.device, dtype=self.dtype)
+            self._unet_emb: torch.Tensor | None = None
+            self._rows_dirty = True
+        self._x = self._unet_in[n_neg:]  # the B stream rows, a view: written in place every call
+        if not self._cold and old_steps != schedule.steps and self._x0_prev is not None:
+            # New stage k continues from old stage min(k, T_old − 1): the same frames, in order.
+            index = torch.tensor([min(k, old_steps - 1) * F + f for k in range(T) for f in range(F)],
+                                 device=self.device)
+            self._x0_prev = self._x0_prev[index]
+            if self._resid_prev is not None:
+                self._resid_prev = self._resid_prev[index]
+
+    # -- per-frame math (separable so regions can fuse x0 per brush before re-noising) -------
+
+    def predict_x0(self, x: torch.Tensor, eps: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """LCM step with boundary condition: x0 = c_out·(X − b·ε)/a + c_skip·X, per row."""
+        a, b = self._a[rows], self._b[rows]
+        return self._c_out[rows] * (x - b * eps) / a + self._c_skip[rows] * x
+
+    def renoise(self, x0: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Forward diffusion with the fixed noise of the rows' stage: a·x0 + b·n."""
+        return self._a[rows] * x0 + self._b[rows] * self._noise[rows]
+
+    def _stock_noise(self, resid: torch.Tensor, rows: slice) -> torch.Tensor:
+        """RCFG stock noise at the rows' stage from the previous stage's residual: s = n + (a/b)·R."""
+        return self._noise[rows] + self._a_over_b[rows] * resid
+
+    def _stock_residual(self, s: torch.Tensor, eps_hat: torch.Tensor, rows: slice) -> torch.Tensor:
+        """R = c_out·b·(s − ε̂)/a + c_skip·b·s: the LCM step applied to the virtual latent b·s."""
+        a, b = self._a[rows], self._b[rows]
+        return self._c_out[rows] * b * (s - eps_hat) / a + self._c_skip[rows] * b * s
+
+    def _guide(self, eps_c: torch.Tensor, eps_u: torch.Tensor) -> torch.Tensor:
+        """ε̂ = ε_u + g·(ε_c − ε_u); g ≤ 1 means no guidance."""
+        g = self.params.guidance_scale
+        return eps_u + g * (eps_c - eps_u) if g > 1.0 else eps_c
+
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """One UNet evaluation through the swappable backend, as ε."""
+        self.stats["unet_calls"] += 1
+        out = self.unet_call(x, t, emb)
+        if self._prediction == "epsilon":
+            return out
+        a, b = self._sqrt_acp[t].view(-1, 1, 1, 1), self._sqrt_1m_acp[t].view(-1, 1, 1, 1)
+        if self._prediction == "v_prediction":
+            return a * out + b * x  # v = a·ε − b·x0 and X = a·x0 + b·ε give ε = a·v + b·X
+        return (x - a * out) / b  # the model predicts x0
+
+    def _encode(self, image: torch.Tensor) -> torch.Tensor:
+        self.stats["vae_encodes"] += 1
+        return self.vae_encode(image)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        self.stats["vae_decodes"] += 1
+        # NHWC for the decoder too (a few KiB to reorder): faster convolutions, and the image
+        # comes back already in H×W×3 order for the host.
+        return self.vae_decode(latents.contiguous(memory_format=torch.channels_last))
+
+    def _stream_step(self, x_new: torch.Tensor) -> torch.Tensor:
+        """One stream-batch step: F new stage-0 latents in, the F finished x0 (stage T−1) out."""
+        F, T = self.frame_buffer_size, self.steps
+        n_neg = self.negative_rows
+        X = self._x
+        later = slice(F, None)  # stages 1 … T−1
+        rcfg = self.cfg_type in ("self", "initialize")
+        assert self._x0_prev is not None
+
+        # 1. Stack the stream batch. Stage 0: the new frames. Stage k ≥ 1: last call's x0 of
+        #    stage k−1 re-noised with the fixed noise: X_k = a_k·x0_{k−1} + b_k·n_k.
+        X[:F] = x_new
+        if T > 1:
+            X[later] = self.renoise(self._x0_prev[:-F], later)
+
+        # 2. RCFG stock noise: stage 0 carries n_0 (the noise its latent was made with);
+        #    stage k ≥ 1: s_k = n_k + (a_k/b_k)·R_{k−1}.
+        s = None
+        if rcfg:
+            s = self._noise[:F]
+            if T > 1:
+                assert self._resid_prev is not None
+                s = torch.cat([s, self._stock_noise(self._resid_prev[:-F], later)])
+
+        # 3. Negative rows (before the B stream rows): full repeats all of X, initialize stage 0.
+        if n_neg:
+            self._unet_in[:n_neg] = X[:n_neg]
+
+        # 4. ONE UNet call over all batch_rows rows.
+        out = self._unet(self._unet_in, self._unet_t, self._unet_emb)
+        eps_neg, eps_c = out[:n_neg], out[n_neg:]
+
+        # 5. Guidance: ε̂ = ε_u + g·(ε_c − ε_u) with ε_u the real negative (full) or δ·s (self,
+        #    initialize; initialize first replaces stage 0's s with the real negative ε).
+        if self.cfg_type == "none":
+            eps_hat = eps_c
+        elif self.cfg_type == "full":
+            eps_hat = self._guide(eps_c, eps_neg)
+        else:
+            if self.cfg_type == "initialize":
+                s = torch.cat([eps_neg, s[F:]])  # type: ignore[index]
+            eps_hat = self._guide(eps_c, self.params.delta * s)
+
+        # 6. LCM step for every row: x0 = c_out·(X − b·ε̂)/a + c_skip·X.
+        x0 = self.predict_x0(X, eps_hat)
+
+        # 7. Carry x0 (and the RCFG residual R) to the next call, which re-noises them (step 1).
+        self._resid_prev = self._stock_residual(s, eps_hat, slice(None)) if rcfg else None  # type: ignore[arg-type]
+        self._x0_prev = x0
+        return x0[-F:]
+
+    def _write_rows(self, emb: torch.Tensor) -> None:
+        """(2, 77, D) [negative, positive] → the (batch_rows, 77, D) embeddings of the UNet call."""
+        n_neg, rows = self.negative_rows, self.batch_rows
+        if self._unet_emb is None or self._unet_emb.shape[0] != rows:
+            self._unet_emb = torch.empty((rows, *emb.shape[1:]), device=self.device, dtype=self.dtype)
+        self._unet_emb[:n_neg] = emb[0]
+        self._unet_emb[n_neg:] = emb[1]
+
+    def _frame_embeddings(self) -> torch.Tensor:
+        """This frame's [negative, positive] embeddings, one transition step further; rows written."""
+        if self._transition is not None:
+            start, target, done, total = self._transition
+            emb = torch.lerp(start, target, (done + 1) / total)
+            self._write_rows(emb)
+            return emb
+        assert self._emb_current is not None
+        if self._rows_dirty or self._unet_emb is None:
+            self._write_rows(self._emb_current)
+            self._rows_dirty = False
+        return self._emb_current
+
+    def _end_frame(self, emb: torch.Tensor, image: torch.Tensor) -> None:
+        """Commit what a successful frame changes (a failed frame leaves the engine as it was)."""
+        if self._transition is not None:
+            self._transition[2] += 1
+            self._emb_current = emb
+            if self._transition[2] >= self._transition[3]:
+                self._emb_current = self._transition[1]
+                self._transition = None
+                self._rows_dirty = True
+        self._settle = max(0, self._settle - 1)
+        self._last_image = image
+        self.stats["frames"] += self.frame_buffer_size
+
+    def _warm_fill(self, x_new: torch.Tensor, x0_init: torch.Tensor) -> None:
+        """Cold start: run the pipeline T − 1 times on this frame before it counts.
+
+        The buffer starts as this frame's own latent at every stage (zeros for txt2img); each
+        silent stream step replaces one more stage with the real pipeline's state for this
+        frame, so after T − 1 steps the buffer is what T − 1 earlier copies of this frame would
+        have left, and this frame's output equals `reference(frame)`. Costs T − 1 UNet calls
+        (at the normal batch shape), no VAE work.
+        """
+        T = self.steps
+        self._x0_prev = x0_init.repeat(T, 1, 1, 1)
+        self._resid_prev = torch.zeros_like(self._x0_prev) if self.cfg_type in ("self", "initialize") else None
+        for _ in range(T - 1):
+            self._stream_step(x_new)
+        self._cold = False
+        self.stats["warm_fills"] += 1
+        logger.debug("stream buffer filled (%d silent steps)", T - 1)
+
+    # -- frames in, frames out -------------------------------------------------------------
+
+    def __call__(self, frame: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """img2img one call: F new frames in, F frames out (those that entered T − 1 calls ago).
+
+        frame: uint8 RGB (H, W, 3) numpy or tensor ((F, H, W, 3) when F > 1), or a float tensor
+        (3, H, W) / (F, 3, H, W) in [0, 1]. Returns the same kind, shape and (for tensors)
+        device, always a new array the engine never touches again.
+        """
+        with torch.inference_mode():
+            image, kind = self._preprocess(frame)
+            F = self.frame_buffer_size
+            # 1. Similarity filter: a skipped frame returns the last output, no UNet/VAE work.
+            may_skip = self._settle == 0 and self._last_image is not None and not self._cold
+            if self._filter.should_skip(image, allowed=may_skip):
+                self.stats["skipped"] += F
+                self.stats["frames"] += F
+                last = self._last_image
+            else:
+                last = self._process(image)
+        # Outside inference mode: the caller gets an ordinary tensor it may edit in place.
+        return self._postprocess(last, kind)
+
+    def _process(self, image: torch.Tensor) -> torch.Tensor:
+        """Steps 2–7 of a processed frame; on failure the filter forgets it and nothing is committed."""
+        F = self.frame_buffer_size
+        try:
+            # 2. Encode: z = s·E(I).
+            z = self._encode(image)
+            # 3. Noise to stage 0 with the fixed noise: X_0 = a_0·z + b_0·n_0.
+            x_new = self.renoise(z, slice(0, F))
+            # 4. This frame's prompt embeddings (a prompt transition steps here).
+            emb = self._frame_embeddings()
+            # 5. Cold stream: fill it from this frame (T − 1 silent steps, once).
+            if self._cold:
+                self._warm_fill(x_new, z)
+            # 6. One stream-batch step → x0 of the frames that leave.
+            x0 = self._stream_step(x_new)
+            # 7. Decode.
+            image_out = self._decode(x0)
+        except BaseException:
+            self._filter.reset()
+            raise
+        self._end_frame(emb, image_out)
+        return image_out
+
+    def txt2img(self, *, output_type: Literal["np", "pt"] = "np") -> np.ndarray | torch.Tensor:
+        """One call with no input frame: stage 0 starts from the fixed noise n_0 itself.
+
+        The noises are fixed, so for fixed parameters the output is a still image; prompt,
+        seed and seed_blend changes move it (smoothly, with prompt transitions and blends).
+        Returns uint8 (H, W, 3) ("np") or float (3, H, W) in [0, 1] on the device ("pt");
+        with a leading F axis when F > 1.
+        """
+        kind = self._txt2img_kind(output_type)
+        with torch.inference_mode():
+            F = self.frame_buffer_size
+            # 1. Stage 0 is pure (fixed) noise: X_0 = n_0.
+            x_new = self._noise[:F]
+            # 2. Embeddings, 3. cold fill from zeros, 4. one stream step, 5. decode.
+            emb = self._frame_embeddings()
+            if self._cold:
+                self._warm_fill(x_new, torch.zeros_like(x_new))
+            x0 = self._stream_step(x_new)
+            image = self._decode(x0)
+            self._end_frame(emb, image)
+        return self._postprocess(image, kind)
+
+    def reference(
+        self, frame: np.ndarray | torch.Tensor | None = None, *, output_type: Literal["np", "pt"] = "np"
+    ) -> np.ndarray | torch.Tensor:
+        """The same T steps one after another on this frame alone (txt2img when frame is None).
+
+        Same noises, schedule, embeddings (the current ones) and RCFG recurrence as the stream;
+        the UNet runs once per stage on F rows (2F for full, and for initialize's stage 0).
+        Leaves the stream state untouched. After warm-up, the stream fed the same frame
+        repeatedly returns exactly this. `output_type` applies when frame is None.
+        """
+        with torch.inference_mode():
+            F, T = self.frame_buffer_size, self.steps
+            if frame is None:
+                kind = self._txt2img_kind(output_type)
+                x = self._noise[:F]
+            else:
+                image, kind = self._preprocess(frame)
+                x = self.renoise(self._encode(image), slice(0, F))
+            assert self._emb_current is not None
+            emb_neg = self._emb_current[0:1].expand(F, -1, -1)
+            emb_pos = self._emb_current[1:2].expand(F, -1, -1)
+            t_rows = self._unet_t[self.negative_rows:]
+            rcfg = self.cfg_type in ("self", "initialize")
+            s = self._noise[:F] if rcfg else None
+            x0 = x
+            for k in range(T):
+                rows = slice(k * F, (k + 1) * F)
+                t = t_rows[rows]
+                # One UNet call for stage k (with the negative rows where the stream has them).
+                if self.cfg_type == "full" or (self.cfg_type == "initialize" and k == 0):
+                    out = self._unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([emb_neg, emb_pos]))
+                    eps_neg, eps_c = out[:F], out[F:]
+                else:
+                    eps_neg, eps_c = None, self._unet(x, t, emb_pos.contiguous())
+                if self.cfg_type == "none":
+                    eps_hat = eps_c
+                elif self.cfg_type == "full":
+                    eps_hat = self._guide(eps_c, eps_neg)  # type: ignore[arg-type]
+                else:
+                    if eps_neg is not None:
+                        s = eps_neg
+                    eps_hat = self._guide(eps_c, self.params.delta * s)  # type: ignore[operator]
+                x0 = self.predict_x0(x, eps_hat, rows)
+                if k < T - 1:
+                    following = slice((k + 1) * F, (k + 2) * F)
+                    if rcfg:
+                        s = self._stock_noise(self._stock_residual(s, eps_hat, rows), following)  # type: ignore[arg-type]
+                    x = self.renoise(x0, following)
+            image = self._decode(x0)
+        return self._postprocess(image, kind)
+
+    # -- conversion at the edge ------------------------------------------------------------
+
+    def _txt2img_kind(self, output_type: str) -> _Kind:
+        if output_type == "np":
+            return _Kind("np", self.frame_buffer_size > 1)
+        if output_type == "pt":
+            return _Kind("float", self.frame_buffer_size > 1, self.device, self.dtype)
+        raise ValueError(f"output_type = {output_type!r}: must be 'np' or 'pt'")
+
+    def _check_shape(self, shape: tuple[int, ...], channels_last: bool) -> bool:
+        """True if batched (leading F axis). Raises a ValueError that says how to fix the frame."""
+        F, H, W = self.frame_buffer_size, self.height, self.width
+        expected = (H, W, 3) if channels_last else (3, H, W)
+        layout = "H×W×3 RGB" if channels_last else "3×H×W RGB"
+        if len(shape) == 3 and F == 1:
+            body, batched = shape, False
+        elif len(shape) == 4:
+            if shape[0] != F:
+                raise ValueError(f"got {shape[0]} frames stacked; frame_buffer_size is {F}: pass {(F, *expected)}")
+            body, batched = shape[1:], True
+        elif len(shape) == 3:
+            raise ValueError(f"frame_buffer_size is {F}: pass {F} frames stacked as {(F, *expected)}")
+        else:
+            raise ValueError(f"frame shape {tuple(shape)}: expected {layout} {expected}")
+        channels = body[2] if channels_last else body[0]
+        size = (body[0], body[1]) if channels_last else (body[1], body[2])
+        if channels != 3:
+            raise ValueError(
+                f"frame has {channels} channels; frames are {layout} (drop alpha / convert BGR(A) to RGB "
+                "where the frame is captured)"
+            )
+        if size != (H, W):
+            raise ValueError(
+                f"frame is {size[1]}×{size[0]}, the engine runs at {W}×{H}: resize it first "
+                "(the node's source.fit does) or build the engine at that size"
+            )
+        return batched
+
+    def _preprocess(self, frame: Any) -> tuple[torch.Tensor, _Kind]:
+        """Caller's frame → (F, 3, H, W) in [-1, 1] in the preallocated input tensor."""
+        if isinstance(frame, np.ndarray):
+            if frame.dtype != np.uint8:
+                raise ValueError(
+                    f"frame dtype is {frame.dtype}; numpy frames are uint8 RGB "
+                    "(for floats in [0, 1]: (x * 255).round().astype(np.uint8))"
+                )
+            batched = self._check_shape(frame.shape, channels_last=True)
+            array = frame if batched else frame[None]
+            if self._pinned is not None and self._u8 is not None:
+                np.copyto(self._pinned.numpy(), array)
+                u8 = self._u8.copy_(self._pinned, non_blocking=True)
+            else:
+                u8 = torch.from_numpy(np.ascontiguousarray(array))
+            kind = _Kind("np", batched)
+        elif isinstance(frame, torch.Tensor):
+            if frame.dtype == torch.uint8:
+                batched = self._check_shape(tuple(frame.shape), channels_last=True)
+                u8 = (frame if batched else frame[None]).to(self.device)
+                kind = _Kind("u8", batched, frame.device)
+            elif frame.is_floating_point():
+                batched = self._check_shape(tuple(frame.shape), channels_last=False)
+                lo, hi = (float(v) for v in torch.aminmax(frame.detach()))
+                if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -_FLOAT_FRAME_SLACK or hi > 1 + _FLOAT_FRAME_SLACK:
+                    raise ValueError(f"float frames are RGB in [0, 1]; this one spans [{lo:.4g}, {hi:.4g}]")
+                kind = _Kind("float", batched, frame.device, frame.dtype)
+                # 2·x − 1: [0, 1] → [-1, 1], the VAE's range.
+                self._img.copy_(frame if batched else frame[None]).mul_(2.0).sub_(1.0)
+                return self._img, kind
+            else:
+                raise ValueError(f"frame tensor dtype {frame.dtype}: give uint8 (H, W, 3) or float (3, H, W) in [0, 1]")
+        else:
+            raise ValueError(f"frame must be a numpy array or a torch tensor, not {type(frame).__name__}")
+        # (2/255)·x − 1: uint8 → [-1, 1] and HWC → CHW in one pass, into the preallocated input.
+        torch.add(self._minus_one, u8.permute(0, 3, 1, 2), alpha=2.0 / 255.0, out=self._img)
+        return self._img, kind
+
+    def _postprocess(self, image: torch.Tensor, kind: _Kind) -> np.ndarray | torch.Tensor:
+        """(F, 3, H, W) in [-1, 1] → the caller's kind; always a new array or tensor."""
+        if kind.container == "float":
+            out = ((image.float() + 1.0) / 2.0).clamp(0.0, 1.0).to(device=kind.device, dtype=kind.dtype)
+            return out if kind.batched else out[0]
+        # Levels 127.5·x + 128 = (x + 1)·127.5 + 0.5: the uint8 cast truncates, so + 0.5 rounds.
+        levels = torch.add(self._level_offset, image, alpha=127.5, out=self._levels).clamp_(0.0, 255.0)
+        hwc = levels.permute(0, 2, 3, 1)  # a view; channels-last memory makes it C-contiguous
+        if kind.container == "np":
+            if self.device.type == "cpu":
+                host = hwc.numpy().astype(np.uint8)  # a new array; numpy's cast is vectorised
+            else:
+                host = hwc.to(torch.uint8).cpu().numpy()  # cast on the GPU, then one small copy
+            return host if kind.batched else host[0]
+        out = hwc.to(device=kind.device, dtype=torch.uint8, copy=True)
+        return out if kind.batched else out[0]
