@@ -1,0 +1,1151 @@
+"""OSC control: the address table, validation, dedupe, the UDP server, replies and heartbeat.
+
+Three threads, none of which touches the model:
+
+- `osc-recv` reads datagrams, drops senders outside the allow-list, unpacks bundles, checks
+  each message against `ADDRESSES` (type, arity, range, NaN/inf, string length), drops values
+  equal to the last accepted one, and `put()`s typed `Update`s on the node's `ControlQueue`.
+  Every message is handled in isolation: a bad one costs one error reply, never the loop.
+- `osc-send` sends everything that goes out (error replies, the applied echo handed over by
+  the engine thread, heartbeat and status) so neither the receive loop nor the engine thread
+  ever waits on a socket.
+- `oscquery-http` (optional, `oscquery.py`) serves the address tree with live values.
+
+The table is data (`ADDRESSES`) and its ranges are read from the pydantic config fields, so
+the OSC surface, the config file and docs/osc.md cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import ipaddress
+import logging
+import math
+import os
+import selectors
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel
+from pythonosc.osc_message import OscMessage
+from pythonosc.osc_message_builder import OscMessageBuilder
+from pythonosc.parsing import osc_types
+
+from streamnode.config import (
+    NUM_TRAIN_TIMESTEPS_LCM,
+    BrushConfig,
+    ConfigError,
+    OscConfig,
+    RuntimeConfig,
+    StreamConfig,
+    find_preset,
+    is_preset_name,
+    list_presets,
+)
+from streamnode.control.updates import ControlQueue, Update
+
+logger = logging.getLogger(__name__)
+
+STATES = ("starting", "loading_model", "building_engine", "warming_up", "streaming", "paused", "error")
+"""Values of /streamnode/state (the node's `status()["state"]`)."""
+
+MAX_BLEND = 8
+"""Most (prompt, weight) or (seed, weight) pairs one /prompt/blend or /seed/blend takes."""
+
+_SUPPORTED_TAGS = frozenset("ifdhsTFN")
+"""Incoming argument types we read; anything else (arrays, blobs, MIDI…) is rejected up front."""
+
+_BUNDLE = b"#bundle\x00"
+_MAX_BUNDLE_DEPTH = 8
+_RECV_TICK_S = 0.1
+_RECV_BURST = 256  # datagrams read per wake-up before looking at the stop flag again
+_SEND_TICK_S = 0.02  # upper bound on how long an applied echo waits in the outbox
+_STATUS_POLL_S = 0.25  # state/error changes reach surfaces within this
+_HEARTBEAT_S = 1.0
+_MAX_PEERS = 8
+
+
+class OscReject(ValueError):
+    """A message we will not apply; the text is the reason sent back in /streamnode/error."""
+
+
+class OscStartError(RuntimeError):
+    """The server could not start (port in use, bad host); the message says what to change."""
+
+
+# -- the address table ---------------------------------------------------------------------
+
+
+def _meta(model: type[BaseModel], name: str, attr: str) -> Any:
+    """A constraint (`ge`, `le`, `max_length`…) of a config field, from its pydantic metadata."""
+    for item in model.model_fields[name].metadata:
+        if hasattr(item, attr):
+            return getattr(item, attr)
+    raise KeyError(f"{model.__name__}.{name} has no {attr} constraint")
+
+
+def _default(model: type[BaseModel], name: str) -> Any:
+    return model.model_fields[name].get_default(call_default_factory=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Arg:
+    """One OSC argument: declared type tag, inclusive range (numbers) or length cap (strings)."""
+
+    tag: Literal["i", "f", "s"]
+    min: float | None = None
+    max: float | None = None
+    max_len: int | None = None
+    name: str = ""
+
+    def range_text(self) -> str:
+        if self.tag == "s":
+            return f"≤ {self.max_len} chars" if self.max_len is not None else "any"
+        return f"{_num(self.min)}..{_num(self.max)}"
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "…"
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+@dataclass(frozen=True)
+class Param:
+    """One OSC address the node listens on.
+
+    `args` is one group of arguments; `repeat` says how many groups a message may carry
+    (`/t_index` takes 1..8 ints, `/prompt/blend` 1..8 (string, float) pairs). `key` is the
+    `Update` key; brush addresses (`/brush/N/...`) carry `field`, the `BrushConfig` field.
+    Accepting a value forgets the dedupe memory of the other addresses in its `group`
+    (they set the same engine state, e.g. /prompt and /prompt/blend).
+    """
+
+    address: str
+    args: tuple[Arg, ...]
+    key: str | None
+    description: str
+    default: Any = None
+    repeat: tuple[int, int] = (1, 1)
+    kind: Literal["value", "trigger"] = "value"
+    field: str | None = None
+    group: str | None = None
+    finish: Callable[[Any], Any] | None = None
+    """Extra check/conversion after types and ranges; raises OscReject."""
+
+    @property
+    def is_brush(self) -> bool:
+        return self.address.startswith("/brush/N/")
+
+    @property
+    def signature(self) -> str:
+        """Type tags as docs show them: `f`, `i…`, `(s f)…`, `f f f f`, `—` for a bare trigger."""
+        if self.kind == "trigger":
+            return "— or i"
+        tags = " ".join(a.tag for a in self.args)
+        if self.repeat == (1, 1):
+            return tags
+        return f"({tags})…" if len(self.args) > 1 else f"{tags}…"
+
+    @property
+    def range_text(self) -> str:
+        if self.kind == "trigger":
+            return "rising edge: 0→1 fires"
+        parts = [f"{a.name + ' ' if a.name and len(self.args) > 1 else ''}{a.range_text()}" for a in self.args]
+        text = ", ".join(parts)
+        if self.repeat != (1, 1):
+            unit = "values" if len(self.args) == 1 else "pairs"
+            text += f"; {self.repeat[0]}..{self.repeat[1]} {unit}"
+        return text
+
+    @property
+    def default_text(self) -> str:
+        d = self.default
+        if self.kind == "trigger":
+            return "—"
+        if d is None:
+            return "—"
+        if isinstance(d, bool):
+            return str(int(d))
+        if isinstance(d, str):
+            return f'"{d}"'
+        if isinstance(d, (list, tuple)):
+            return " ".join(_num(x) if isinstance(x, (int, float)) else str(x) for x in d)
+        return _num(d) if isinstance(d, (int, float)) else str(d)
+
+    def osc_types(self, value: Any = None) -> str:
+        """The OSC type tag string of `value` (or of one group when there is no value)."""
+        count = len(value) if self.repeat != (1, 1) and isinstance(value, (list, tuple)) else 1
+        return "".join(a.tag for a in self.args) * count
+
+    # -- incoming
+
+    def convert(self, params: list[Any], address: str | None = None) -> Any:
+        """OSC arguments → the value the engine takes; raises OscReject naming `address` (the
+        address as sent, prefix and brush number included) and what is allowed."""
+        address = address or self.address
+        try:
+            if self.kind == "trigger":
+                if not params or (len(params) == 1 and params[0] is None):
+                    return None
+                level = params[0] if len(params) == 1 else None
+                if isinstance(level, bool):
+                    return float(level)
+                if not isinstance(level, (int, float)) or not math.isfinite(level):
+                    raise OscReject(f"expects a number (0→1 fires) or no argument, got {_describe_args(params)}")
+                return float(level)
+            width = len(self.args)
+            lo, hi = self.repeat
+            if len(params) % width or not lo <= len(params) // width <= hi:
+                raise OscReject(f"takes {self.signature} ({self.range_text}); got {_describe_args(params)}")
+            values = [_coerce(self.args[i % width], v) for i, v in enumerate(params)]
+            if self.repeat == (1, 1):
+                value: Any = values[0] if width == 1 else tuple(values)
+            elif width == 1:
+                value = values
+            else:
+                value = [tuple(values[i : i + width]) for i in range(0, len(values), width)]
+            return self.finish(value) if self.finish else value
+        except OscReject as e:
+            raise OscReject(f"{address[:120]}: {e}") from None
+
+    # -- outgoing
+
+    def to_osc(self, value: Any) -> list[tuple[str, Any]]:
+        """(tag, value) pairs for the applied echo and OSCQuery VALUE."""
+        if self.kind == "trigger" or value is None:
+            return []
+        flat: list[Any]
+        if self.repeat != (1, 1):
+            flat = [x for group in value for x in (group if isinstance(group, (list, tuple)) else (group,))]
+        elif len(self.args) > 1:
+            flat = list(value)
+        else:
+            flat = [value]
+        out = []
+        for i, v in enumerate(flat):
+            tag = self.args[i % len(self.args)].tag
+            if tag == "i":
+                v = int(v)
+                out.append(("h" if not -(2**31) <= v < 2**31 else "i", v))
+            elif tag == "f":
+                out.append(("f", float(v)))
+            else:
+                out.append(("s", str(v)))
+        return out
+
+
+def _describe_args(params: list[Any]) -> str:
+    if not params:
+        return "no arguments"
+    return f"{len(params)} argument{'s' if len(params) > 1 else ''} ({' '.join(_type_name(p) for p in params)})"
+
+
+def _type_name(v: Any) -> str:
+    if isinstance(v, bool):
+        return "T/F"
+    if isinstance(v, int):
+        return "i"
+    if isinstance(v, float):
+        return "f"
+    if isinstance(v, str):
+        return "s"
+    return "N" if v is None else type(v).__name__
+
+
+def _coerce(arg: Arg, v: Any) -> Any:
+    """One OSC argument → int, float or str, within range. Numbers arrive as i, f, h, d or T/F
+    from different surfaces, so any number fits a number slot; ints round floats (a CHOP
+    sends every channel as a float). Strings are never numbers and numbers never strings."""
+    if arg.tag == "s":
+        if not isinstance(v, str):
+            raise OscReject(f"expects a string, got {_type_name(v)} {v!r:.40}")
+        if arg.max_len is not None and len(v) > arg.max_len:
+            raise OscReject(f"a string of {len(v)} chars is too long (at most {arg.max_len})")
+        return v
+    if isinstance(v, bool):
+        num: int | float = int(v)
+    elif isinstance(v, (int, float)):
+        num = v
+    else:
+        raise OscReject(f"expects a number ({arg.range_text()}), got {_type_name(v)} {v!r:.40}")
+    if isinstance(num, float):
+        if not math.isfinite(num):
+            raise OscReject(f"{num} is not a finite number ({arg.range_text()})")
+        # A 32-bit OSC float carries ~7 digits: 1.3 arrives as 1.2999999523. Keep what was meant.
+        num = round(num) if arg.tag == "i" else float(f"{num:.7g}")
+    elif arg.tag == "f":
+        num = float(num)
+    if (arg.min is not None and num < arg.min) or (arg.max is not None and num > arg.max):
+        label = f"{arg.name} " if arg.name else ""
+        raise OscReject(f"{label}{num} is out of range {arg.range_text()}")
+    return num
+
+
+def _increasing(value: list[int]) -> list[int]:
+    if any(b <= a for a, b in zip(value, value[1:], strict=False)):
+        raise OscReject(f"{' '.join(map(str, value))} must be strictly increasing, e.g. 32 45")
+    return value
+
+
+def _weights(value: list[tuple[Any, float]]) -> list[tuple[Any, float]]:
+    if sum(w for _, w in value) <= 0:
+        raise OscReject("the weights must not all be 0")
+    return value
+
+
+def _preset(name: str) -> str:
+    if not is_preset_name(name):
+        raise OscReject(f"{name[:64]!r} is not a preset name (letters, digits, - and _; no paths)")
+    try:
+        find_preset(name)
+    except ConfigError:
+        names = ", ".join(list(list_presets())[:20]) or "none"
+        raise OscReject(f"no preset {name!r}; available: {names}") from None
+    return name
+
+
+def _mask_path(path: str) -> str:
+    if not path.lower().endswith(".png") or not os.path.isfile(path):
+        raise OscReject(f"{path[:200]!r} is not an existing .png file")
+    return path
+
+
+def _build_addresses() -> list[Param]:
+    S, B = StreamConfig, BrushConfig
+    text = Arg("s", max_len=_meta(S, "prompt", "max_length"))
+
+    def unit(model: type[BaseModel], name: str, tag: Literal["i", "f"] = "f", label: str = "") -> Arg:
+        return Arg(tag, _meta(model, name, "ge"), _meta(model, name, "le"), name=label)
+
+    weight = Arg("f", 0.0, 1.0, name="weight")
+    seed = unit(S, "seed", "i", "seed")
+    t_lo, t_hi = _meta(S, "t_index_list", "min_length"), _meta(S, "t_index_list", "max_length")
+    norm = [Arg("f", 0.0, 1.0, name=n) for n in ("x", "y", "w", "h")]
+    toggle = Arg("i", 0, 1)
+    params = [
+        Param("/prompt", (text,), "prompt", "Positive prompt; blends in over /prompt/transition frames.",
+              _default(S, "prompt"), group="prompt"),
+        Param("/negative_prompt", (text,), "negative_prompt", "Negative prompt (used when cfg_type is full or "
+              "initialize).", _default(S, "negative_prompt")),
+        Param("/prompt/blend", (Arg("s", max_len=text.max_len, name="prompt"), weight), "prompt_blend",
+              "Weighted mix of prompts: prompt weight prompt weight …", None, repeat=(1, MAX_BLEND),
+              group="prompt", finish=_weights),
+        Param("/prompt/transition", (unit(S, "prompt_transition_frames", "i"),), "prompt_transition_frames",
+              "Frames over which a prompt change blends in (0 = at once).", _default(S, "prompt_transition_frames")),
+        Param("/guidance", (unit(S, "guidance_scale"),), "guidance_scale",
+              "Guidance scale g (≤ 1 means no guidance).", _default(S, "guidance_scale")),
+        Param("/delta", (unit(S, "delta"),), "delta", "Residual CFG delta.", _default(S, "delta")),
+        Param("/strength", (unit(S, "strength"),), "strength",
+              "img2img strength; sets a one-step t_index (0 keeps the input, 1 ignores it).",
+              _default(S, "strength"), group="steps"),
+        Param("/t_index", (Arg("i", 0, NUM_TRAIN_TIMESTEPS_LCM - 1),), "t_index_list",
+              "Denoising steps as LCM schedule indices, strictly increasing; refreshes the stream buffer.",
+              _default(S, "t_index_list"), repeat=(t_lo, t_hi), group="steps", finish=_increasing),
+        Param("/seed", (unit(S, "seed", "i"),), "seed",
+              "Noise seed; refreshes the stream buffer. Above 2147483647 send h (int64) or d.",
+              _default(S, "seed"), group="seed"),
+        Param("/seed/blend", (seed, weight), "seed_blend", "Weighted mix of seeds' noises: seed weight …",
+              None, repeat=(1, MAX_BLEND), group="seed", finish=_weights),
+        Param("/similarity", (unit(S, "similarity_threshold"),), "similarity_threshold",
+              "Similarity filter threshold: skip frames this similar to the last one (0 disables).",
+              _default(S, "similarity_threshold")),
+        Param("/similarity/max_skip", (unit(S, "similarity_max_skip", "i"),), "similarity_max_skip",
+              "Most frames skipped in a row by the similarity filter.", _default(S, "similarity_max_skip")),
+        Param("/preset", (Arg("s", max_len=64),), "preset",
+              "Apply the live parameters of a preset by name (a file in the presets folders; no paths).",
+              None, finish=_preset),
+        Param("/pause", (toggle,), "pause", "1 pauses (the sinks keep the last frame), 0 resumes. A state, "
+              "not a toggle.", False, finish=bool),
+        Param("/bypass", (toggle,), "bypass", "1 passes the input straight through, 0 diffuses again.",
+              False, finish=bool),
+        Param("/status", (), None, "Ask for a full status reply (state, counters, every current value).",
+              kind="trigger"),
+        Param("/model", (Arg("s", max_len=4096),), "model", "Load another model (hub id, folder, .safetensors, "
+              "tiny). Rejected unless the node runs with --allow-model-switch.", None),
+        # Regional prompts ("semantic brushes"): N in 0..max_brushes-1.
+        Param("/brush/N/prompt", (text,), "brush", "Brush N prompt.", _default(B, "prompt"), field="prompt"),
+        Param("/brush/N/negative_prompt", (text,), "brush", "Brush N negative prompt.",
+              _default(B, "negative_prompt"), field="negative_prompt"),
+        Param("/brush/N/strength", (unit(B, "mask_strength"),), "brush", "Brush N mask strength.",
+              _default(B, "mask_strength"), field="mask_strength"),
+        Param("/brush/N/prompt_strength", (unit(B, "prompt_strength"),), "brush", "Brush N prompt strength.",
+              _default(B, "prompt_strength"), field="prompt_strength"),
+        Param("/brush/N/blur", (unit(B, "mask_blur"),), "brush", "Brush N mask blur (std, pixels).",
+              _default(B, "mask_blur"), field="mask_blur"),
+        Param("/brush/N/enabled", (toggle,), "brush", "Brush N on (1) or off (0).", _default(B, "enabled"),
+              field="enabled", finish=bool),
+        Param("/brush/N/rect", tuple(norm), "brush", "Brush N mask: rectangle x y w h, normalised 0..1.",
+              None, field="rect"),
+        Param("/brush/N/circle", (norm[0], norm[1], Arg("f", 0.0, 1.0, name="r")), "brush",
+              "Brush N mask: circle x y r, normalised 0..1.", None, field="circle"),
+        Param("/brush/N/mask", (Arg("s", max_len=4096),), "brush", "Brush N mask from a PNG file path.",
+              None, field="mask", finish=_mask_path),
+        Param("/brush/N/clear", (), "brush", "Remove brush N.", kind="trigger", field="clear"),
+    ]
+    return params
+
+
+ADDRESSES: list[Param] = _build_addresses()
+"""Every address the node listens on (without the --osc-prefix), in documentation order."""
+
+_BY_ADDRESS = {p.address: p for p in ADDRESSES}
+_BRUSH_FIELDS = {p.address.rsplit("/", 1)[1]: p for p in ADDRESSES if p.is_brush}
+_BY_KEY = {p.key: p for p in ADDRESSES if p.key and not p.is_brush and p.key not in ("preset", "model")}
+_BRUSH_BY_FIELD = {p.field: p for p in ADDRESSES if p.is_brush}
+_GROUP_SIBLINGS = {
+    p.address: [o.address for o in ADDRESSES if o.group == p.group and o is not p] for p in ADDRESSES if p.group
+}
+
+OUT_ADDRESSES: list[tuple[str, str, str]] = [
+    ("/streamnode/heartbeat", "i", "Once a second; counts up from 1."),
+    ("/streamnode/state", "s", f"On change and with each heartbeat: {', '.join(STATES)}."),
+    ("/streamnode/fps", "f", "Output frames per second, with each heartbeat."),
+    ("/streamnode/latency_ms", "f", "Median capture→output latency, with each heartbeat."),
+    ("/streamnode/dropped", "i", "Input frames dropped so far (the engine was busy)."),
+    ("/streamnode/skipped", "i", "Frames skipped by the similarity filter so far."),
+    ("/streamnode/error", "s", "Why a message was rejected, or the node's error (to the sender / all)."),
+    ("/streamnode/applied/<address>", "as sent", "Echo of each value the engine applied, e.g. "
+     "/streamnode/applied/guidance f."),
+]
+"""What the node sends (prefixed with --osc-prefix like the inputs)."""
+
+
+def markdown_table() -> str:
+    """The input address table as docs/osc.md shows it (a test keeps the two identical)."""
+    rows = ["| Address | Type | Range | Default | What it does |", "|---|---|---|---|---|"]
+    for p in ADDRESSES:
+        rows.append(f"| `{p.address}` | {p.signature} | {p.range_text} | {p.default_text} | {p.description} |")
+    return "\n".join(rows) + "\n"
+
+
+def lookup(address: str, max_brushes: int) -> tuple[Param, int | None] | None:
+    """Local address (no prefix) → its Param and brush index; None if we don't serve it."""
+    param = _BY_ADDRESS.get(address)
+    if param is not None:
+        return None if param.is_brush else (param, None)
+    if address.startswith("/brush/"):
+        _, _, n, *rest = address.split("/")
+        if len(rest) == 1 and n.isdigit() and len(n) <= 3 and int(n) < max_brushes and rest[0] in _BRUSH_FIELDS:
+            return _BRUSH_FIELDS[rest[0]], int(n)
+    return None
+
+
+def param_address(param: Param, brush: int | None) -> str:
+    return param.address.replace("/N/", f"/{brush}/") if brush is not None else param.address
+
+
+# -- small helpers ----------------------------------------------------------------------------
+
+
+class _LogLimiter:
+    """At most one log line per key per `interval`, then how many were suppressed meanwhile."""
+
+    def __init__(self, interval: float = 5.0, max_keys: int = 512) -> None:
+        self.interval = interval
+        self.max_keys = max_keys
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def __call__(self, key: str) -> int | None:
+        """None: stay quiet. Otherwise log now; the number is how many were suppressed."""
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return None
+        if len(self._last) >= self.max_keys:  # random garbage addresses must not grow this forever
+            self._last.clear()
+            self._suppressed.clear()
+        self._last[key] = now
+        return self._suppressed.pop(key, 0)
+
+
+class _TokenBucket:
+    """Caps error replies so a flood of bad messages cannot turn into a flood of replies."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self._tokens = burst
+        self._t = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._t) * self.rate)
+        self._t = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+def _bundle_elements(data: bytes) -> Iterator[bytes]:
+    """Messages inside a bundle, nested bundles flattened, timetags ignored (applied at once).
+
+    Written here rather than with python-osc's OscBundle: a negative element size makes that
+    parser loop forever, and one garbage datagram must never stall the receive thread.
+    """
+    stack = [(data, 16, 0)]
+    if len(data) < 16:
+        raise OscReject("bundle: shorter than its header")
+    while stack:
+        buf, i, depth = stack.pop()
+        while i < len(buf):
+            if i + 4 > len(buf):
+                raise OscReject("bundle: truncated element size")
+            size = int.from_bytes(buf[i : i + 4], "big", signed=True)
+            i += 4
+            if size <= 0 or size % 4 or i + size > len(buf):
+                raise OscReject(f"bundle: bad element size {size}")
+            element = buf[i : i + size]
+            i += size
+            if element.startswith(_BUNDLE):
+                if depth + 1 >= _MAX_BUNDLE_DEPTH or len(element) < 16:
+                    raise OscReject("bundle: nested too deep or too short")
+                stack.append((buf, i, depth))
+                buf, i, depth = element, 16, depth + 1
+            else:
+                yield element
+
+
+def _parse(data: bytes) -> tuple[str, list[Any]]:
+    """Datagram → (address, arguments) with python-osc, after checking the type tags we read
+    (python-osc logs unknown tags on the root logger; a fuzzer must not be able to spam it)."""
+    try:
+        address, index = osc_types.get_string(data, 0)
+        if index < len(data):
+            tags, _ = osc_types.get_string(data, index)
+            if not tags.startswith(","):
+                raise OscReject("malformed OSC message: the type tag string must start with ','")
+            unsupported = set(tags[1:]) - _SUPPORTED_TAGS
+            if unsupported:
+                raise OscReject(
+                    f"{address[:80]}: unsupported OSC argument type {''.join(sorted(unsupported))!r} "
+                    "(send i, f, h, d, s, T, F or N)"
+                )
+        msg = OscMessage(data)
+    except OscReject:
+        raise
+    except Exception as e:  # python-osc raises ParseError, UnicodeDecodeError, struct.error…
+        raise OscReject(f"malformed OSC message ({type(e).__name__})") from None
+    if not address.startswith("/"):
+        raise OscReject("malformed OSC message: the address must start with '/'")
+    return address, msg.params
+
+
+def _build(address: str, args: list[tuple[str, Any]]) -> bytes:
+    builder = OscMessageBuilder(address=address)
+    for tag, value in args:
+        builder.add_arg(value, tag)
+    return builder.build().dgram
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal for dedupe purposes: exact for strings and ints, ~1e-6 relative for floats."""
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
+        except (TypeError, ValueError):
+            return False
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+# -- the server -------------------------------------------------------------------------------
+
+StatusFn = Callable[[], dict[str, Any]]
+
+
+class OscServer:
+    """Listens for OSC, validates and queues `Update`s, and sends replies, echo and heartbeat.
+
+    `start()` binds and starts the threads (raises `OscStartError`); `stop(timeout)` joins them
+    and closes the socket; both are safe to call twice. `status()` is the node's snapshot
+    (state, fps_out, latency_ms_p50, dropped, skipped, error, params), called from the sender
+    thread only, a few times a second.
+    """
+
+    def __init__(
+        self,
+        config: OscConfig,
+        queue: ControlQueue,
+        status: StatusFn | None = None,
+        *,
+        max_brushes: int | None = None,
+        name: str = "streamnode",
+    ) -> None:
+        self.config = config
+        self.queue = queue
+        self._status = status
+        self.max_brushes = _default(RuntimeConfig, "max_brushes") if max_brushes is None else max_brushes
+        self.name = name
+        self._prefix = config.prefix
+        self._allow = [ipaddress.ip_network(a, strict=False) for a in config.allow]
+        self._allowed_cache: dict[str, bool] = {}
+        self._reply_to: tuple[str, int] | None = None
+        if config.reply:
+            host, _, port = config.reply.rpartition(":")
+            self._reply_to = (host.strip("[]"), int(port))
+
+        self._sock: socket.socket | None = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._oscquery: Any = None
+        self._started = False
+        self._stopped = False
+
+        # Dedupe memory, written by the receive thread, invalidated by the sender thread.
+        self._memo_lock = threading.Lock()
+        self._last: dict[str, Any] = {}  # local address → last accepted value
+        self._dgram_of: dict[str, bytes] = {}  # local address → the datagram that carried it
+        self._seen: set[bytes] = set()  # those datagrams: an exact repeat is dropped unparsed
+        self._levels: dict[str, float] = {}  # trigger address → last level (rising edge)
+
+        self._outbox: deque[tuple[Any, ...]] = deque(maxlen=4096)  # append/popleft never block
+        self._peers: dict[str, None] = {}  # hosts that sent us something, newest last
+        self._values: dict[str, Any] = {}  # local address → current value (OSCQuery, /status)
+        for p in ADDRESSES:
+            if p.kind == "value" and p.default is not None:
+                if p.is_brush:
+                    for n in range(self.max_brushes):
+                        self._values[param_address(p, n)] = p.default
+                else:
+                    self._values[p.address] = p.default
+
+        self._log_limit = _LogLimiter()
+        self._reply_bucket = _TokenBucket(rate=20.0, burst=50.0)
+        self.counters = {
+            "datagrams": 0,  # from allowed senders
+            "accepted": 0,  # put on the control queue (or answered, for /status)
+            "deduped": 0,  # equal to the last accepted value: dropped before the queue
+            "rejected": 0,  # bad type, arity, range, address, bytes
+            "denied": 0,  # sender not in --osc-allow
+            "foreign": 0,  # another node's --osc-prefix
+            "errors_unsent": 0,  # error replies held back by the rate cap
+        }
+        queue.on_applied(self._on_applied)
+
+    # -- lifecycle
+
+    @property
+    def port(self) -> int:
+        """The bound UDP port (useful with port 0)."""
+        if self._sock is None:
+            return self.config.port
+        return int(self._sock.getsockname()[1])
+
+    @property
+    def oscquery_port(self) -> int | None:
+        return self._oscquery.port if self._oscquery is not None else None
+
+    def start(self) -> None:
+        if self._started:
+            return
+        host = self.config.host
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        with contextlib.suppress(OSError):
+            # CHOP traffic comes in bursts (one datagram per channel per cook): give it room.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        if hasattr(socket, "SIO_UDP_CONNRESET"):
+            # Windows: a reply to a closed port would otherwise surface as a recv error.
+            with contextlib.suppress(OSError):
+                sock.ioctl(socket.SIO_UDP_CONNRESET, False)  # type: ignore[attr-defined]
+        try:
+            sock.bind((host, self.config.port))
+        except OSError as e:
+            sock.close()
+            hint = "choose another --osc-port" if e.errno in (98, 48, 10048) else "check --osc-host"
+            raise OscStartError(f"OSC: cannot listen on {host}:{self.config.port}: {e.strerror or e}; {hint}") from e
+        sock.setblocking(False)  # the receive loop waits in select(); replies never wait on UDP
+        self._sock = sock
+        self._started = True
+        self._refresh_values(self._read_status())
+        self._threads = [
+            threading.Thread(target=self._receive, args=(self._stop,), name="osc-recv", daemon=True),
+            threading.Thread(target=self._send_loop, args=(self._stop,), name="osc-send", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        if self.config.oscquery_port is not None:
+            from streamnode.control.oscquery import OscQueryServer
+
+            self._oscquery = OscQueryServer(
+                host,
+                self.config.oscquery_port,
+                self.oscquery_nodes,
+                self.oscquery_host_info,
+                allowed=self._is_allowed,
+                mdns=self.config.oscquery_mdns,
+                name=self._display_name(),
+            )
+            try:
+                self._oscquery.start()
+            except OSError as e:
+                self.stop()
+                raise OscStartError(
+                    f"OSCQuery: cannot listen on {host}:{self.config.oscquery_port}: {e}; "
+                    "choose another --oscquery-port"
+                ) from e
+        logger.info(
+            "OSC listening on %s:%d%s%s", host, self.port,
+            f", prefix {self._prefix}" if self._prefix else "",
+            f", OSCQuery on http://{host}:{self.oscquery_port}/" if self._oscquery else "",
+        )
+
+    def stop(self, timeout: float = 2.0) -> None:
+        if not self._started or self._stopped:
+            return
+        self._stopped = True
+        self._stop.set()
+        self._wake_receiver()
+        deadline = time.monotonic() + timeout
+        if self._oscquery is not None:
+            self._oscquery.stop(max(0.1, deadline - time.monotonic()))
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                logger.warning("OSC: thread %s did not stop within %.1f s", t.name, timeout)
+        if self._sock is not None:
+            self._sock.close()
+        logger.info("OSC stopped (%s)", ", ".join(f"{k} {v}" for k, v in self.counters.items() if v))
+
+    def _wake_receiver(self) -> None:
+        """An empty datagram to ourselves ends the receive thread's select() at once."""
+        sock = self._sock
+        if sock is None:
+            return
+        host, port = sock.getsockname()[:2]
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+        with contextlib.suppress(OSError):
+            sock.sendto(b"", (host, port))
+
+    def __enter__(self) -> OscServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.counters)
+
+    # -- receive thread
+
+    def _receive(self, stop: threading.Event) -> None:
+        sock = self._sock
+        assert sock is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(sock, selectors.EVENT_READ)
+            while not stop.is_set():
+                if not selector.select(_RECV_TICK_S):
+                    continue
+                # Drain what has arrived with one syscall per datagram (a socket timeout would
+                # add a poll to each): a CHOP cook is a burst of one datagram per channel.
+                for _ in range(_RECV_BURST):
+                    if stop.is_set():
+                        return
+                    try:
+                        data, addr = sock.recvfrom(65536)
+                    except BlockingIOError:
+                        break
+                    except OSError as e:
+                        if stop.is_set():
+                            return
+                        # Windows reports an ICMP port-unreachable from an earlier reply here.
+                        self._log("recv", "OSC: receive error %s (still serving)", e)
+                        break
+                    try:
+                        self._on_datagram(data, addr[0])
+                    except Exception:  # one message must never take the server down
+                        if self._log_limit("crash") is not None:
+                            logger.exception("OSC: unexpected error handling a datagram from %s (still serving)",
+                                             addr[0])
+
+    def _on_datagram(self, data: bytes, host: str) -> None:
+        if not self._is_allowed(host):
+            self.counters["denied"] += 1
+            self._log(f"deny:{host}", "OSC: dropped a message from %s: not in --osc-allow %s",
+                      host, ",".join(self.config.allow))
+            return
+        self.counters["datagrams"] += 1
+        if host not in self._peers:
+            self._peers[host] = None
+            if len(self._peers) > _MAX_PEERS:
+                del self._peers[next(iter(self._peers))]
+        if data in self._seen:  # the CHOP-every-cook case: same bytes as the accepted value
+            self.counters["deduped"] += 1
+            return
+        if data[:1] == b"/":
+            self._on_message(data, host)
+        elif data.startswith(_BUNDLE):
+            try:
+                for element in _bundle_elements(data):
+                    if element in self._seen:
+                        self.counters["deduped"] += 1
+                    else:
+                        self._on_message(element, host)
+            except OscReject as e:
+                self._reject(host, "bundle", str(e))
+        else:
+            self._reject(host, "garbage", f"not an OSC packet ({len(data)} bytes; expected '/' or '#bundle')")
+
+    def _on_message(self, data: bytes, host: str) -> None:
+        try:
+            address, params = _parse(data)
+        except OscReject as e:
+            self._reject(host, "malformed", str(e))
+            return
+        local = self._strip_prefix(address)
+        if local is None:
+            self.counters["foreign"] += 1
+            return
+        if local.startswith("/streamnode/"):
+            return  # our own replies looped back by a surface: never answer them (no ping-pong)
+        found = lookup(local, self.max_brushes)
+        if found is None:
+            self._reject(host, "unknown", self._unknown_reason(address, local), address)
+            return
+        param, brush = found
+        if param.key == "model" and not self.config.allow_model_switch:
+            self._reject(host, local, f"{address}: loading a model over OSC is off; start the node "
+                         "with --allow-model-switch", address)
+            return
+        try:
+            value = param.convert(params, address)
+        except OscReject as e:
+            self._reject(host, local, str(e), address)
+            return
+        self._accept(param, brush, param_address(param, brush), value, data, host)
+
+    def _accept(self, param: Param, brush: int | None, local: str, value: Any, data: bytes, host: str) -> None:
+        if param.kind == "trigger":
+            if value is not None:  # a level: only 0→1 fires; a CHOP repeating 1 does nothing
+                with self._memo_lock:
+                    prev = self._levels.get(local, 0.0)
+                    self._levels[local] = value
+                    self._remember_locked(local, value, data)  # exact repeats skip parsing
+                if not (value > 0 >= prev):
+                    self.counters["deduped"] += 1
+                    return
+            self.counters["accepted"] += 1
+            if param.key is None:  # /status
+                self._outbox.append(("status", self._target(host)))
+            else:
+                self.queue.put(Update(param.key, (brush, param.field, None), origin=local))
+            return
+        with self._memo_lock:
+            if local in self._last and _same(self._last[local], value):
+                self._remember_locked(local, value, data)
+                self.counters["deduped"] += 1
+                return
+            self._remember_locked(local, value, data)
+            for other in _GROUP_SIBLINGS.get(param.address, ()):
+                self._forget_locked(other)
+            if param.key != "preset":
+                # Sending the same preset again after touching anything resets to it.
+                self._forget_locked("/preset")
+        self.counters["accepted"] += 1
+        update_value = (brush, param.field, value) if brush is not None else value
+        self.queue.put(Update(param.key or "", update_value, origin=local))
+
+    def _remember_locked(self, local: str, value: Any, data: bytes) -> None:
+        old = self._dgram_of.get(local)
+        if old is not None:
+            self._seen.discard(old)
+        self._last[local] = value
+        self._dgram_of[local] = data
+        self._seen.add(data)
+
+    def _forget_locked(self, local: str) -> None:
+        self._last.pop(local, None)
+        old = self._dgram_of.pop(local, None)
+        if old is not None:
+            self._seen.discard(old)
+
+    def forget(self, local: str | None = None, *, keep: str | None = None) -> None:
+        """Drop the dedupe memory of one address (or all but `keep`): its next value goes through
+        even if equal. Called when the engine's value changed by another route (preset, CLI)."""
+        with self._memo_lock:
+            if local is not None:
+                self._forget_locked(local)
+                return
+            for address in list(self._last):
+                if address != keep:
+                    self._forget_locked(address)
+
+    def _strip_prefix(self, address: str) -> str | None:
+        if not self._prefix:
+            return address
+        if address.startswith(self._prefix + "/"):
+            return address[len(self._prefix) :]
+        return None
+
+    def _unknown_reason(self, address: str, local: str) -> str:
+        known = [p.address for p in ADDRESSES if not p.is_brush]
+        close = difflib.get_close_matches(local, known, n=1)
+        hint = f"; did you mean {self._prefix}{close[0]}?" if close else ""
+        if local.startswith("/brush/"):
+            hint = f"; brushes are /brush/0 to /brush/{self.max_brushes - 1} with " + ", ".join(_BRUSH_FIELDS)
+        return f"{address[:120]}: unknown address{hint} (docs/osc.md lists them)"
+
+    def _is_allowed(self, host: str) -> bool:
+        if not self._allow:
+            return True  # loopback-only bind (config refuses an open host without an allow-list)
+        cached = self._allowed_cache.get(host)
+        if cached is None:
+            try:
+                ip = ipaddress.ip_address(host.split("%", 1)[0])
+                if ip.version == 6 and ip.ipv4_mapped:
+                    ip = ip.ipv4_mapped
+                cached = any(ip in net for net in self._allow)
+            except ValueError:
+                cached = False
+            if len(self._allowed_cache) > 1024:
+                self._allowed_cache.clear()
+            self._allowed_cache[host] = cached
+        return cached
+
+    def _target(self, host: str) -> tuple[str, int]:
+        return self._reply_to or (host, self.config.reply_port)
+
+    def _reject(self, host: str, key: str, reason: str, address: str = "") -> None:
+        self.counters["rejected"] += 1
+        suppressed = self._log_limit(f"reject:{key}")
+        if suppressed is not None:
+            more = f" ({suppressed} more like it suppressed)" if suppressed else ""
+            logger.warning("OSC from %s rejected: %s%s", host, reason, more)
+        if self._reply_bucket.take():
+            self._outbox.append(("send", self._target(host), self._out("/streamnode/error"), [("s", reason[:1000])]))
+        else:
+            self.counters["errors_unsent"] += 1
+
+    def _log(self, key: str, msg: str, *args: Any) -> None:
+        suppressed = self._log_limit(key)
+        if suppressed is None:
+            return
+        if suppressed:
+            msg, args = msg + " (%d more like it suppressed)", (*args, suppressed)
+        logger.warning(msg, *args)
+
+    # -- engine thread (must not block)
+
+    def _on_applied(self, update: Update) -> None:
+        if self._started and not self._stopped:
+            self._outbox.append(("applied", update))
+
+    # -- sender thread
+
+    def _out(self, address: str) -> str:
+        return self._prefix + address
+
+    def _send_loop(self, stop: threading.Event) -> None:
+        beat = 0
+        next_poll = next_beat = time.monotonic()
+        last_state: Any = None
+        last_error: Any = None
+        while not stop.wait(_SEND_TICK_S):
+            try:
+                self._flush_outbox()
+                now = time.monotonic()
+                if now < next_poll:
+                    continue
+                next_poll = now + _STATUS_POLL_S
+                st = self._read_status()
+                self._refresh_values(st)
+                state, error = st.get("state"), st.get("error")
+                if state and state != last_state:
+                    self._send_all("/streamnode/state", [("s", str(state))])
+                    last_state = state
+                if error and error != last_error:
+                    self._send_all("/streamnode/error", [("s", str(error)[:1000])])
+                last_error = error
+                if now >= next_beat:
+                    next_beat = now + _HEARTBEAT_S
+                    beat += 1
+                    self._send_all("/streamnode/heartbeat", [("i", beat)])
+                    for address, args in self._status_messages(st):
+                        self._send_all(address, args)
+            except Exception:  # a bad status() must not silence the heartbeat for good
+                if self._log_limit("send-loop") is not None:
+                    logger.exception("OSC: error in the reply thread (still running)")
+
+    def _flush_outbox(self) -> None:
+        while self._outbox:
+            item = self._outbox.popleft()
+            kind = item[0]
+            if kind == "send":
+                _, target, address, args = item
+                self._send(target, address, args)
+            elif kind == "applied":
+                self._echo(item[1])
+            elif kind == "status":
+                self._full_status(item[1])
+
+    def _echo(self, update: Update) -> None:
+        if update.key in ("preset", "model"):
+            # Many values just changed: let the surface send any of them again; the preset (or
+            # model) name itself stays remembered, so a DAT repeating it does not re-apply it.
+            self.forget(keep="/" + update.key)
+        found = lookup(update.origin, self.max_brushes) if update.origin.startswith("/") else None
+        if found is None:
+            # Applied by another route (CLI, the node itself): echo it on the key's address and
+            # let the next OSC value for it through even if equal to what we last accepted.
+            brush = update.value[0] if update.key == "brush" else None
+            if update.key == "brush":
+                param = _BRUSH_BY_FIELD.get(update.value[1])
+            elif update.key in ("preset", "model"):
+                param = _BY_ADDRESS["/" + update.key]
+            else:
+                param = _BY_KEY.get(update.key)
+            if param is None:
+                return
+            local = param_address(param, brush)
+            if update.key not in ("preset", "model"):
+                self.forget(local)
+        else:
+            param, brush = found
+            local = update.origin
+        value = update.value[2] if update.key == "brush" else update.value
+        if param.kind == "value":
+            self._values[local] = value
+        elif param.field == "clear" and brush is not None:
+            for p in ADDRESSES:
+                if p.is_brush and p.kind == "value":
+                    if p.default is None:
+                        self._values.pop(param_address(p, brush), None)
+                    else:
+                        self._values[param_address(p, brush)] = p.default
+        self._send_all(self._out("/streamnode/applied" + local), param.to_osc(value))
+
+    def _status_messages(self, st: dict[str, Any]) -> list[tuple[str, list[tuple[str, Any]]]]:
+        out: list[tuple[str, list[tuple[str, Any]]]] = []
+        if st.get("state"):
+            out.append(("/streamnode/state", [("s", str(st["state"]))]))
+        for name, key, tag in (("fps", "fps_out", "f"), ("latency_ms", "latency_ms_p50", "f"),
+                               ("dropped", "dropped", "i"), ("skipped", "skipped", "i")):
+            value = st.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                out.append((f"/streamnode/{name}", [(tag, float(value) if tag == "f" else int(value))]))
+        return out
+
+    def _full_status(self, target: tuple[str, int]) -> None:
+        st = self._read_status()
+        self._refresh_values(st)
+        for address, args in self._status_messages(st):
+            self._send(target, self._out(address), args)
+        self._send(target, self._out("/streamnode/error"), [("s", str(st.get("error") or ""))])
+        for local, value in list(self._values.items()):
+            found = lookup(local, self.max_brushes)
+            if found is not None:
+                self._send(target, self._out("/streamnode/applied" + local), found[0].to_osc(value))
+
+    def _send_all(self, address: str, args: list[tuple[str, Any]]) -> None:
+        if not address.startswith(self._prefix + "/streamnode/"):
+            address = self._out(address)
+        targets = [self._reply_to] if self._reply_to else [(h, self.config.reply_port) for h in list(self._peers)]
+        for target in targets:
+            self._send(target, address, args)
+
+    def _send(self, target: tuple[str, int], address: str, args: list[tuple[str, Any]]) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            sock.sendto(_build(address, args), target)
+        except (OSError, ValueError) as e:  # unreachable peer, closed socket, unbuildable value
+            self._log(f"send:{target}", "OSC: cannot send %s to %s:%s: %s", address, target[0], target[1], e)
+
+    def _read_status(self) -> dict[str, Any]:
+        if self._status is None:
+            return {}
+        try:
+            st = self._status()
+            return st if isinstance(st, dict) else {}
+        except Exception:
+            if self._log_limit("status") is not None:
+                logger.exception("OSC: status() failed")
+            return {}
+
+    def _refresh_values(self, st: dict[str, Any]) -> None:
+        """Mirror the engine's live values; where one differs from what we last accepted for
+        an address, forget that memory so the surface can send the value again."""
+        params = st.get("params")
+        if not isinstance(params, dict):
+            return
+        for key, value in params.items():
+            param = _BY_KEY.get(key)
+            if param is None or value is None:
+                continue
+            if isinstance(value, tuple):
+                value = list(value)
+            self._values[param.address] = value
+            with self._memo_lock:
+                if param.address in self._last and not _same(self._last[param.address], value):
+                    self._forget_locked(param.address)
+        for key in ("pause", "bypass"):
+            if key in st and isinstance(st[key], bool):
+                self._values["/" + key] = st[key]
+
+    # -- OSCQuery
+
+    def _display_name(self) -> str:
+        return f"{self.name} {self._prefix}".strip()
+
+    def oscquery_nodes(self) -> list[dict[str, Any]]:
+        """One OSCQuery description per address (brushes expanded), with current values."""
+        nodes = []
+        presets = None
+        for p in ADDRESSES:
+            for n in range(self.max_brushes) if p.is_brush else [None]:
+                local = param_address(p, n)
+                node: dict[str, Any] = {"FULL_PATH": self._prefix + local, "DESCRIPTION": p.description}
+                if p.kind == "trigger":
+                    node["ACCESS"] = 2
+                    node["TYPE"] = "N"
+                    nodes.append(node)
+                    continue
+                value = self._values.get(local)
+                node["ACCESS"] = 3
+                node["TYPE"] = p.osc_types(value)
+                count = len(node["TYPE"]) // len(p.args)
+                ranges = []
+                for a in list(p.args) * count:
+                    if a.tag == "s":
+                        ranges.append({})
+                    else:
+                        ranges.append({"MIN": a.min, "MAX": a.max})
+                if p.key == "preset":
+                    presets = list(list_presets()) if presets is None else presets
+                    ranges = [{"VALS": presets}]
+                node["RANGE"] = ranges
+                if value is not None:
+                    node["VALUE"] = [v for _, v in p.to_osc(value)]
+                nodes.append(node)
+        return nodes
+
+    def oscquery_host_info(self) -> dict[str, Any]:
+        return {
+            "NAME": self._display_name(),
+            "OSC_IP": self.config.host,
+            "OSC_PORT": self.port,
+            "OSC_TRANSPORT": "UDP",
+            "EXTENSIONS": {
+                "ACCESS": True,
+                "VALUE": True,
+                "RANGE": True,
+                "DESCRIPTION": True,
+                "TAGS": False,
+                "CLIPMODE": False,
+                "LISTEN": False,
+                "PATH_CHANGED": False,
+            },
+        }

@@ -1,0 +1,230 @@
+"""Fuzz the OSC server: random bytes and well-formed messages with wrong types, a few thousand
+cases. No exception may escape message handling, everything that reaches the queue must be a
+value the config would accept, and over real UDP the server keeps serving while frames flow."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pythonosc.osc_message import OscMessage
+from pythonosc.osc_message_builder import OscMessageBuilder
+
+from streamnode.config import BrushConfig, OscConfig, StreamConfig
+from streamnode.control.osc import ADDRESSES, OscServer
+from streamnode.control.updates import ControlQueue, Update
+
+FUZZ = settings(max_examples=1500, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ_MESSAGES = settings(FUZZ, max_examples=1200)  # with the bytes and in-range cases: ~3,000 in all
+
+_ADDRESSES = sorted(
+    {p.address.replace("/N/", f"/{n}/") for p in ADDRESSES for n in (0, 7, 8)}
+)  # brush 8 is one past max_brushes
+
+
+class UdpRig:
+    """A running server on loopback with a consumer thread standing in for the engine."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.queue = ControlQueue()
+        self.server = OscServer(OscConfig(port=0, reply_port=self.sock.getsockname()[1]), self.queue)
+        self.server.start()
+        self.frames = 0
+        self.applied: list[Update] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._engine, args=(self._stop,), name="fuzz-engine", daemon=True)
+        self._thread.start()
+
+    def _engine(self, stop: threading.Event) -> None:
+        while not stop.wait(0.005):
+            for u in self.queue.drain():
+                self.applied.append(u)
+                self.queue.applied(u)
+            self.frames += 1
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendto(data, ("127.0.0.1", self.server.port))
+
+    def assert_alive(self) -> None:
+        frames = self.frames
+        token = f"alive {time.monotonic_ns()}"  # unique: older echoes may still be queued
+        marker = OscMessageBuilder("/prompt")
+        marker.add_arg(token, "s")
+        self.send(marker.build().dgram)
+        deadline = time.monotonic() + 5
+        self.sock.settimeout(0.05)
+        while time.monotonic() < deadline:
+            try:
+                data, _ = self.sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            msg = OscMessage(data)
+            if msg.address == "/streamnode/applied/prompt" and msg.params == [token]:
+                break
+        else:
+            raise AssertionError("the server stopped applying values")
+        assert all(t.is_alive() for t in self.server._threads)
+        deadline = time.monotonic() + 2
+        while self.frames <= frames + 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert self.frames > frames + 5  # frames kept flowing
+
+    def close(self) -> None:
+        self.server.stop()
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def udp_rig():
+    rig = UdpRig()
+    yield rig
+    rig.close()
+
+
+def direct_server() -> tuple[OscServer, ControlQueue]:
+    """Not started: `_on_datagram` is called directly, so any escaping exception fails the test
+    (the receive loop would have caught and logged it)."""
+    queue = ControlQueue()
+    return OscServer(OscConfig(port=0), queue), queue
+
+
+_STREAM_FIELDS = set(StreamConfig.model_fields)
+_BRUSH_FIELDS = set(BrushConfig.model_fields)
+
+
+def assert_valid(update: Update) -> None:
+    """Whatever passed the OSC checks must be a value the config itself accepts."""
+    if update.key in _STREAM_FIELDS:
+        StreamConfig(**{update.key: update.value})
+    elif update.key in ("prompt_blend", "seed_blend"):
+        assert 1 <= len(update.value) <= 8 and sum(w for _, w in update.value) > 0
+        for item, weight in update.value:
+            assert 0.0 <= weight <= 1.0
+            (StreamConfig(prompt=item) if update.key == "prompt_blend" else StreamConfig(seed=item))
+    elif update.key == "brush":
+        n, field, value = update.value
+        assert 0 <= n < 8
+        if field in _BRUSH_FIELDS:
+            BrushConfig(**{field: value})
+            if field in ("rect", "circle"):
+                assert all(0.0 <= v <= 1.0 for v in value)
+        else:
+            assert field == "clear" and value is None
+    elif update.key in ("pause", "bypass"):
+        assert isinstance(update.value, bool)
+    elif update.key == "preset":
+        assert update.value.replace("-", "").replace("_", "").isalnum()
+    else:
+        raise AssertionError(f"unexpected update {update}")
+
+
+_ARG = st.one_of(
+    st.tuples(st.just("i"), st.integers(-(2**31), 2**31 - 1)),
+    st.tuples(st.just("h"), st.integers(-(2**63), 2**63 - 1)),
+    st.tuples(st.just("f"), st.floats(width=32)),
+    st.tuples(st.just("d"), st.floats()),
+    st.tuples(st.just("s"), st.text(max_size=24)),
+    st.tuples(st.just("T"), st.just(True)),
+    st.tuples(st.just("F"), st.just(False)),
+    st.tuples(st.just("N"), st.none()),
+    st.tuples(st.just("b"), st.binary(max_size=8)),
+)
+OSC_ARGS = st.lists(_ARG, max_size=10)
+"""(tag, value) lists: every type a surface may send, NaN, inf, int64 and blobs included."""
+
+
+def build(address: str, args: list[tuple[str, Any]]) -> bytes | None:
+    builder = OscMessageBuilder(address)
+    for tag, value in args:
+        builder.add_arg(value, tag)
+    try:
+        return builder.build().dgram
+    except Exception:  # e.g. a string python-osc cannot encode: not a datagram anyone can send
+        return None
+
+
+def test_random_bytes(udp_rig: UdpRig) -> None:
+    server, queue = direct_server()
+    heads = st.sampled_from([b"", b"/", b"/guidance\x00\x00\x00", b"#bundle\x00", b"#bundle\x00" + bytes(8)])
+
+    @FUZZ
+    @given(head=heads, body=st.binary(max_size=300))
+    def run(head: bytes, body: bytes) -> None:
+        data = head + body
+        server._on_datagram(data, "127.0.0.1")
+        udp_rig.send(data)
+
+    run()
+    for update in queue.drain():
+        assert_valid(update)
+    udp_rig.assert_alive()
+
+
+def test_well_formed_messages_with_wrong_types(udp_rig: UdpRig) -> None:
+    server, queue = direct_server()
+    addresses = st.one_of(st.sampled_from(_ADDRESSES), st.text(max_size=20).map(lambda t: "/" + t))
+
+    @FUZZ_MESSAGES
+    @given(address=addresses, args=OSC_ARGS)
+    def run(address: str, args: list[tuple[str, Any]]) -> None:
+        data = build(address, args)
+        if data is None:
+            return
+        server._on_datagram(data, "127.0.0.1")
+        for update in queue.drain():
+            assert_valid(update)
+        udp_rig.send(data)
+
+    run()
+    stats = server.stats()
+    assert stats["rejected"] > 0 and stats["accepted"] > 0  # the fuzzer reached both sides
+    udp_rig.assert_alive()
+
+
+def test_well_formed_values_in_range_are_accepted() -> None:
+    """The converse: a value inside every declared range goes through (types coerced)."""
+    server, queue = direct_server()
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(data=st.data())
+    def run(data: st.DataObject) -> None:
+        param = data.draw(st.sampled_from([p for p in ADDRESSES if p.kind == "value" and p.key not in
+                                           ("preset", "model") and p.field != "mask"]))
+        lo, hi = param.repeat
+        groups = data.draw(st.integers(lo, min(hi, 3)))
+        args: list[tuple[str, Any]] = []
+        for _ in range(groups):
+            for a in param.args:
+                if a.tag == "s":
+                    args.append(("s", data.draw(st.text(alphabet="abc xyz", max_size=30))))
+                elif a.tag == "i":
+                    v = data.draw(st.integers(int(a.min), int(min(a.max, 2**31 - 1))))
+                    args.append(data.draw(st.sampled_from([("i", v), ("f", float(v)), ("d", float(v))])))
+                else:
+                    v = data.draw(st.floats(a.min, a.max, width=32))
+                    args.append(data.draw(st.sampled_from([("f", v), ("d", v)])))
+        if param.address == "/t_index":
+            ints = sorted({int(v) for _, v in args})
+            args = [("i", v) for v in ints]
+        if param.finish is not None and param.address.endswith("/blend"):
+            args[1] = ("f", 1.0)  # weights must not all be 0
+        address = param.address.replace("/N/", "/3/")
+        before = server.stats()["rejected"]
+        server.forget()
+        server._on_datagram(build(address, args), "127.0.0.1")
+        assert server.stats()["rejected"] == before, (address, args)
+        updates = queue.drain()
+        assert len(updates) == 1
+        assert_valid(updates[0])
+
+    run()
