@@ -1,1 +1,396 @@
-"""accel"""
+"""Acceleration backends for the stream engine: eager, torch.compile + CUDA graphs, TensorRT.
+
+The engine calls its UNet and VAE only through three seams, `unet_call(x, t, emb)`,
+`vae_encode(img)` and `vae_decode(z)`. `accelerate()` replaces them with faster callables and
+keeps the originals behind each one (`GuardedCall`), so a shape outside an engine's profile or
+a fault at run time degrades to PyTorch for that call instead of stopping the show.
+
+Backend order: `tensorrt` → `compile` (CUDA only) → `eager`. `auto` picks TensorRT when it is
+importable on a CUDA GPU, else compile on CUDA, else eager. When the chosen backend cannot be
+set up (not installed, engine missing with building off, a failed build, out of memory) the next
+one is used and ONE warning line says which and why.
+
+This module imports nothing heavy at import time (`streamnode doctor` calls
+`describe_backends()`; torch is imported inside the functions).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+from streamnode.accel.guard import GuardedCall
+from streamnode.accel.progress import BuildProgress, ConsoleProgress, ProgressCallback
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MODES",
+    "SEAMS",
+    "BackendFailed",
+    "BuildProgress",
+    "ConsoleProgress",
+    "GuardedCall",
+    "accelerate",
+    "accelerate_with_config",
+    "backend_chain",
+    "describe_backends",
+    "describe_seams",
+    "example_inputs",
+    "restore",
+]
+
+MODES = ("auto", "eager", "compile", "tensorrt")
+SEAMS = ("unet_call", "vae_encode", "vae_decode")
+SELF_CHECK_RTOL = 0.05
+"""An engine whose output differs from PyTorch by more than 5 % of the output's range is refused.
+
+fp16 TensorRT vs fp16 PyTorch differ by well under 1 %; a wrong or damaged engine by ~100 %.
+"""
+
+
+class BackendFailed(RuntimeError):
+    """A backend could not be set up; the message is the one-line reason shown to the user."""
+
+
+# -- what is available ---------------------------------------------------------------------
+
+
+def _cxx_compiler() -> str | None:
+    for name in ("c++", "g++", "clang++", "cl"):
+        if shutil.which(name):
+            return name
+    return None
+
+
+def describe_backends() -> list[tuple[str, bool, str]]:
+    """(name, available, detail or install hint) for eager, compile and tensorrt. Imports torch."""
+    import importlib.util
+
+    import torch
+
+    from streamnode.accel.tensorrt import tensorrt_status
+
+    cuda = torch.cuda.is_available()
+    where = torch.cuda.get_device_name(0) if cuda else "CPU"
+    rows = [("eager", True, f"PyTorch {torch.__version__} on {where}")]
+    if not hasattr(torch, "compile"):
+        rows.append(("compile", False, "this PyTorch has no torch.compile; install torch>=2.1"))
+    elif cuda:
+        has_triton = importlib.util.find_spec("triton") is not None
+        rows.append((
+            "compile",
+            has_triton,
+            "inductor + CUDA graphs" if has_triton
+            else "needs Triton: pip install triton (on Windows: pip install triton-windows)",
+        ))
+    else:
+        cxx = _cxx_compiler()
+        rows.append((
+            "compile",
+            cxx is not None,
+            f"inductor on the CPU (C++ compiler: {cxx})" if cxx
+            else "needs a C++ compiler for inductor on the CPU (gcc/clang; MSVC Build Tools on Windows)",
+        ))
+    ok, detail = tensorrt_status()
+    rows.append(("tensorrt", ok, detail))
+    return rows
+
+
+def backend_chain(mode: str, *, cuda: bool, tensorrt_importable: bool) -> list[str]:
+    """Backends to try in order for `mode`."""
+    if mode not in MODES:
+        raise ValueError(f"accel mode {mode!r} is not one of {', '.join(MODES)}")
+    if mode == "eager":
+        return ["eager"]
+    if mode == "compile":
+        return ["compile", "eager"]
+    if mode == "tensorrt":
+        # On a CPU, compile is not a stand-in for a GPU engine (minutes of compiling for little).
+        return ["tensorrt", "compile", "eager"] if cuda else ["tensorrt", "eager"]
+    if not cuda:
+        return ["eager"]
+    return ["tensorrt", "compile", "eager"] if tensorrt_importable else ["compile", "eager"]
+
+
+# -- example inputs ------------------------------------------------------------------------
+
+
+def example_inputs(engine: Any) -> dict[str, tuple[Any, ...]]:
+    """Inputs of the engine's current shapes for each seam (warm-up, compile, self-check)."""
+    import torch
+
+    c = engine.components
+    gen = torch.Generator("cpu").manual_seed(1234)
+    scale = int(getattr(c, "vae_scale_factor", 8))
+    h, w = int(engine.height) // scale, int(engine.width) // scale
+    rows, frames = int(engine.batch_rows), int(engine.frame_buffer_size)
+    text_len = int(getattr(c, "model_max_length", 77))
+
+    def on(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return t.to(c.device, dtype or c.dtype)
+
+    # Made in inference mode, as the engine makes its own: torch.compile guards on that, and a
+    # warm-up with ordinary tensors would be compiled for nothing and compiled again on frame 1.
+    with torch.inference_mode():
+        return {
+            "unet_call": (
+                on(torch.randn(rows, 4, h, w, generator=gen)),
+                torch.randint(100, 900, (rows,), generator=gen).to(c.device),
+                on(torch.randn(rows, text_len, c.cross_attention_dim, generator=gen)),
+            ),
+            "vae_encode": (on(torch.rand(frames, 3, h * scale, w * scale, generator=gen) * 2 - 1),),
+            "vae_decode": (on(torch.randn(frames, 4, h, w, generator=gen)),),
+        }
+
+
+def _originals(engine: Any) -> dict[str, Callable[..., Any]]:
+    out = {}
+    for seam in SEAMS:
+        fn = getattr(engine, seam)
+        while isinstance(fn, GuardedCall):  # accelerate() called again: start from PyTorch
+            fn = fn.fallback
+        out[seam] = fn
+    return out
+
+
+def _relative_error(got: Any, ref: Any) -> float | None:
+    import torch
+
+    ref, got = ref.float(), got.float()
+    if got.shape != ref.shape:
+        return float("inf")
+    if not bool(torch.isfinite(ref).all()):
+        return None  # random or broken reference weights: nothing to judge against
+    scale = max(float(ref.abs().max()), 1e-3)
+    return float((got - ref).abs().max()) / scale
+
+
+# -- backends ------------------------------------------------------------------------------
+
+
+def _use_compile(engine: Any, originals: dict[str, Callable[..., Any]], opts: dict[str, Any]) -> dict[str, GuardedCall]:
+    from streamnode.accel.compile import compile_seams
+
+    try:
+        seams = compile_seams(
+            engine.components, backend=opts.get("compile_backend", "inductor"), mode=opts.get("compile_mode")
+        )
+        inputs = example_inputs(engine)
+        for seam, fn in seams.items():
+            # Twice: the first call compiles, the second (on CUDA) captures the CUDA graph.
+            for _ in range(2):
+                fn(*inputs[seam])
+    except Exception as e:  # noqa: BLE001 - inductor/triton raise many types; all mean "not here"
+        raise BackendFailed(f"torch.compile failed ({type(e).__name__}: {_first_line(e)})") from None
+    return {s: GuardedCall(s, "compile", seams[s], originals[s]) for s in SEAMS}
+
+
+def _use_tensorrt(engine: Any, originals: dict[str, Callable[..., Any]], opts: dict[str, Any]) -> dict[str, GuardedCall]:
+    import torch
+
+    from streamnode.accel.cache import EngineCacheError
+    from streamnode.accel.profile import profile_for_engine
+    from streamnode.accel.tensorrt import (
+        EngineBuildError,
+        TensorRTUnavailable,
+        ensure_engines,
+        require_tensorrt,
+        seam_acceptors,
+    )
+
+    try:
+        require_tensorrt()
+    except TensorRTUnavailable as e:
+        raise BackendFailed(str(e)) from None
+    components = engine.components
+    profile = profile_for_engine(
+        engine, min_size=opts["min_size"], max_size=opts["max_size"], max_batch=opts["max_batch"]
+    )
+    if (why := profile.accepts_size(int(engine.height), int(engine.width))) is not None:
+        raise BackendFailed(why)
+    try:
+        ready = ensure_engines(
+            components, profile, cache=opts.get("cache"), allow_build=opts["allow_build"], progress=opts.get("progress")
+        )
+    except EngineCacheError:
+        raise BackendFailed(
+            "no TensorRT engine for this model, GPU and profile in the cache, and building is off; "
+            "build them before the show: streamnode build-engines --preset <preset>"
+        ) from None
+    except EngineBuildError as e:
+        if e.oom:
+            raise BackendFailed(
+                f"the TensorRT build ran out of GPU memory ({_first_line(e)}); close other GPU programs "
+                "or narrow the profile (--max-size 768)"
+            ) from None
+        raise BackendFailed(_first_line(e)) from None
+    except torch.cuda.OutOfMemoryError as e:
+        raise BackendFailed(f"out of GPU memory loading TensorRT engines ({_first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - export/parse errors of many types; one line for the user
+        raise BackendFailed(f"TensorRT setup failed ({type(e).__name__}: {_first_line(e)})") from None
+
+    runners = {"unet_call": ready["unet"].runner, "vae_encode": ready["vae_encoder"].runner,
+               "vae_decode": ready["vae_decoder"].runner}
+    scale = int(getattr(components, "vae_scale_factor", 8))
+    # Each engine may come from a different (wider) cached profile: judge each by its own.
+    accepts = {
+        seam: seam_acceptors(ready[component].entry.key.profile, scale)[seam]
+        for seam, component in (("unet_call", "unet"), ("vae_encode", "vae_encoder"), ("vae_decode", "vae_decoder"))
+    }
+    try:
+        inputs = example_inputs(engine)
+        with torch.inference_mode():
+            for seam, runner in runners.items():
+                # Plain run, CUDA graph capture, graph replay; the replay is checked against PyTorch.
+                for _ in range(3):
+                    got = runner(*inputs[seam])
+                err = _relative_error(got, originals[seam](*inputs[seam]))
+                if err is not None and err > SELF_CHECK_RTOL:
+                    # Drop it from the cache, so the next start builds a fresh one.
+                    entry = ready[{"unet_call": "unet", "vae_encode": "vae_encoder", "vae_decode": "vae_decoder"}[seam]].entry
+                    shutil.rmtree(entry.directory, ignore_errors=True)
+                    raise BackendFailed(
+                        f"the {seam} engine disagrees with PyTorch (relative error {err:.3f}); it was removed "
+                        "from the cache (rebuild now: streamnode build-engines)"
+                    )
+                logger.debug("tensorrt %s self-check: relative error %s", seam, err)
+    except BackendFailed:
+        _close(runners.values())
+        raise
+    except Exception as e:  # noqa: BLE001
+        _close(runners.values())
+        raise BackendFailed(f"TensorRT engines failed their first run ({type(e).__name__}: {_first_line(e)})") from None
+    return {s: GuardedCall(s, "tensorrt", runners[s], originals[s], accepts=accepts[s]) for s in SEAMS}
+
+
+def _close(runners: Any) -> None:
+    for r in runners:
+        if r is not None and hasattr(r, "close"):
+            r.close()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+_BACKENDS: dict[str, Callable[[Any, dict[str, Callable[..., Any]], dict[str, Any]], dict[str, GuardedCall]]] = {
+    "tensorrt": _use_tensorrt,
+    "compile": _use_compile,
+}
+
+
+# -- entry point ---------------------------------------------------------------------------
+
+
+def accelerate(
+    engine: Any,
+    mode: str,
+    *,
+    allow_build: bool = True,
+    progress: ProgressCallback | None = None,
+    min_size: int = 256,
+    max_size: int = 1024,
+    max_batch: int | None = None,
+    cache: Any = None,
+    compile_mode: str | None = None,
+    compile_backend: str = "inductor",
+) -> str:
+    """Replace the engine's seams with the fastest backend `mode` allows; return its name.
+
+    `min_size`, `max_size` and `max_batch` are the TensorRT profile (`model.engine_*` in the
+    config); with `allow_build=False` a missing engine is not built (the show starts on the next
+    backend and the message says to run `streamnode build-engines`). Returns "tensorrt",
+    "compile" or "eager". Logs one line saying what is used, a warning if it is a fallback.
+    """
+    import torch
+
+    from streamnode.accel.tensorrt import tensorrt_status
+
+    cuda = engine.components.device.type == "cuda"
+    trt_ok, trt_detail = tensorrt_status() if cuda else (False, "")
+    chain = backend_chain(mode, cuda=cuda, tensorrt_importable=trt_ok)
+    opts = {
+        "allow_build": allow_build,
+        "progress": progress,
+        "min_size": min_size,
+        "max_size": max_size,
+        "max_batch": max_batch,
+        "cache": cache,
+        "compile_mode": compile_mode,
+        "compile_backend": compile_backend,
+    }
+    # A second call (a model switch, a mode change) starts from PyTorch and frees old engines.
+    restore(engine)
+    originals = _originals(engine)
+    failures: list[str] = []
+    chosen = "eager"
+    for backend in chain:
+        if backend == "eager":
+            break
+        try:
+            seams = _BACKENDS[backend](engine, originals, opts)
+        except BackendFailed as e:
+            failures.append(f"{backend}: {e}")
+            continue
+        except torch.cuda.OutOfMemoryError as e:
+            failures.append(f"{backend}: out of GPU memory ({_first_line(e)})")
+            continue
+        for seam, call in seams.items():
+            setattr(engine, seam, call)
+        chosen = backend
+        break
+    if chosen == "eager":
+        for seam, fn in originals.items():
+            setattr(engine, seam, fn)
+    if failures:
+        logger.warning("acceleration: using %s, because %s", chosen, "; ".join(failures))
+    elif mode == "auto" and cuda and not trt_ok:
+        logger.info("acceleration: %s (auto; TensorRT not used: %s)", chosen, trt_detail)
+    else:
+        logger.info("acceleration: %s", chosen)
+    return chosen
+
+
+def accelerate_with_config(engine: Any, model: Any, *, progress: ProgressCallback | None = None) -> str:
+    """`accelerate()` with everything taken from a `ModelConfig` (accel, allow_build, engine_*)."""
+    return accelerate(
+        engine,
+        model.accel,
+        allow_build=model.allow_build,
+        progress=progress,
+        min_size=model.engine_min_size,
+        max_size=model.engine_max_size,
+        max_batch=model.engine_max_batch,
+    )
+
+
+def restore(engine: Any) -> None:
+    """Put the engine's PyTorch seams back (before switching models); releases TensorRT engines."""
+    originals = _originals(engine)
+    for seam in SEAMS:
+        fn = getattr(engine, seam)
+        if isinstance(fn, GuardedCall):
+            _close([fn.fast])
+        setattr(engine, seam, originals[seam])
+
+
+def describe_seams(engine: Any) -> dict[str, dict[str, Any]]:
+    """Per seam: backend, run-time state, PyTorch fallback calls, compile seconds (for stats and bench)."""
+    from streamnode.accel.compile import CompiledCall, CudaGraphCall
+
+    out: dict[str, dict[str, Any]] = {}
+    for seam in SEAMS:
+        fn = getattr(engine, seam)
+        if not isinstance(fn, GuardedCall):
+            out[seam] = {"backend": "eager"}
+            continue
+        info: dict[str, Any] = {"backend": fn.backend, "broken": fn.broken, "fallback_calls": fn.fallback_calls}
+        inner = fn.fast.fn if isinstance(fn.fast, CudaGraphCall) else fn.fast
+        if isinstance(inner, CompiledCall):
+            info["compile_seconds"] = round(sum(inner.compile_seconds.values()), 2)
+        out[seam] = info
+    return out

@@ -1,0 +1,61 @@
+"""A seam replacement that can never take a show down: fast path, PyTorch path behind it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class GuardedCall:
+    """Calls `fast`, or `fallback` (the engine's original PyTorch seam) when `fast` cannot serve.
+
+    - `accepts(*args)` returns None when `fast` can take these inputs, else the reason (e.g. a
+      batch outside the engine profile after a cfg change); that call goes to `fallback` and the
+      reason is logged once.
+    - If `fast` raises, the error is logged once and every later call goes to `fallback`: a
+      frame is never lost to an accelerator fault, only slowed.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        backend: str,
+        fast: Callable[..., Any],
+        fallback: Callable[..., Any],
+        accepts: Callable[..., str | None] | None = None,
+    ) -> None:
+        self.name = name
+        self.backend = backend
+        self.fast = fast
+        self.fallback = fallback
+        self.accepts = accepts
+        self.broken: str | None = None
+        self.fallback_calls = 0
+        self._reasons_logged: set[str] = set()
+
+    def __call__(self, *args: Any) -> Any:
+        if self.broken is None and self.accepts is not None:
+            why = self.accepts(*args)
+            if why is not None:
+                if why not in self._reasons_logged:
+                    self._reasons_logged.add(why)
+                    logger.warning("%s: %s cannot take this call (%s); running it in PyTorch", self.name, self.backend, why)
+                self.fallback_calls += 1
+                return self.fallback(*args)
+        if self.broken is None:
+            try:
+                return self.fast(*args)
+            except Exception as e:  # noqa: BLE001 - any accelerator fault must degrade, not crash
+                self.broken = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                logger.error(
+                    "%s: %s failed at run time (%s); using PyTorch for it from now on", self.name, self.backend, self.broken
+                )
+        self.fallback_calls += 1
+        return self.fallback(*args)
+
+    def __repr__(self) -> str:
+        state = f"broken: {self.broken}" if self.broken else "ok"
+        return f"<GuardedCall {self.name} via {self.backend} ({state})>"
