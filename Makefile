@@ -28,7 +28,7 @@ test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -ra
 
 lint: $(TEST_STAMP)
-	$(BIN)/ruff check streamnode tests benchmarks
+	$(BIN)/ruff check streamnode tests benchmarks obs touchdesigner
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/engine.py

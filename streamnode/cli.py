@@ -145,7 +145,8 @@ def bench_command(args: argparse.Namespace) -> int:
         eng = StreamEngine.from_pretrained(
             m.id, t_index_list=s.t_index_list, width=s.width, height=s.height,
             frame_buffer_size=s.frame_buffer_size, cfg_type=s.cfg_type, device=m.device,
-            dtype=m.dtype, use_tiny_vae=m.use_tiny_vae, seed=s.seed,
+            dtype=m.dtype, use_tiny_vae=m.use_tiny_vae, tiny_vae=m.tiny_vae, lcm_lora=m.lcm_lora, seed=s.seed,
+            cpu_threads=m.cpu_threads,
         )
     except (ConfigError, ModelLoadError) as e:
         print(f"streamnode bench: {e}", file=sys.stderr)
@@ -174,19 +175,6 @@ def bench_command(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- demo ----------------------------------------------------------------------------------
-
-
-def demo_command(args: argparse.Namespace) -> int:
-    """`streamnode run --preset demo`: test pattern → tiny model → out/demo.mp4, then a summary."""
-    from streamnode import node
-
-    parser = argparse.ArgumentParser(prog="streamnode demo")
-    node.add_run_arguments(parser)
-    run_args = parser.parse_args(["--preset", "demo", *args.extra])
-    return int(node.run_command(run_args))
-
-
 # -- main ----------------------------------------------------------------------------------
 
 
@@ -205,9 +193,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     _add_lazy(sub, chosen, "run", "run the node (source -> engine -> sinks)", "streamnode.node",
               "add_run_arguments", "run_command")
-    demo = sub.add_parser("demo", help="test pattern -> tiny model -> out/demo.mp4; prints fps and latency")
-    demo.add_argument("extra", nargs=argparse.REMAINDER, help="more `run` flags, e.g. --duration 3")
-    demo.set_defaults(func=demo_command)
+    # `demo` is `run --preset demo`: every run flag works (e.g. `streamnode demo --duration 3`).
+    _add_lazy(sub, chosen, "demo", "test pattern -> tiny model -> out/demo.mp4; prints fps and latency",
+              "streamnode.node", "add_run_arguments", "run_command")
+    if chosen == "demo":
+        sub.choices["demo"].set_defaults(preset="demo")
     bench = sub.add_parser("bench", help="time the engine on a preset's model; prints JSON")
     _add_bench_arguments(bench)
     bench.set_defaults(func=bench_command)

@@ -41,7 +41,27 @@ class ModelConfig(_Section):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     accel: Literal["auto", "eager", "compile", "tensorrt"] = "auto"
-    allow_build: bool = Field(True, description="build missing TensorRT engines at start")
+    cpu_threads: int | None = Field(
+        None, ge=1, le=256, description="torch threads on a CPU device; default half the cores"
+    )
+    allow_build: bool = Field(
+        False,
+        description="build missing TensorRT engines at start (off: a show never stalls on a build; "
+        "run `streamnode build-engines` first)",
+    )
+    engine_min_size: int = Field(
+        256, ge=64, le=4096, description="smallest width/height a TensorRT engine accepts (multiple of 64)"
+    )
+    engine_max_size: int = Field(
+        1024, ge=64, le=4096, description="largest width/height a TensorRT engine accepts (multiple of 64)"
+    )
+    engine_max_batch: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="UNet rows per call a TensorRT engine accepts; default 2·steps·frame_buffer_size, "
+        "which covers every cfg mode at the preset's steps or fewer",
+    )
 
     @field_validator("device")
     @classmethod
@@ -50,6 +70,22 @@ class ModelConfig(_Section):
         if not ok:
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
         return v
+
+    @field_validator("engine_min_size", "engine_max_size")
+    @classmethod
+    def _multiple_of_64(cls, v: int) -> int:
+        # The SD UNet halves the latent three times: TensorRT engines need pixels divisible by 64.
+        if v % 64:
+            raise ValueError(f"must be a multiple of 64 (e.g. {max(64, v - v % 64)} or {v - v % 64 + 64})")
+        return v
+
+    @model_validator(mode="after")
+    def _engine_range(self) -> ModelConfig:
+        if self.engine_min_size > self.engine_max_size:
+            raise ValueError(
+                f"engine_min_size {self.engine_min_size} is above engine_max_size {self.engine_max_size}"
+            )
+        return self
 
 
 class StreamConfig(_Section):
@@ -92,6 +128,9 @@ class SourceConfig(_Section):
     fit: Literal["cover", "contain", "stretch"] = "cover"
     loop: bool = Field(True, description="file:// sources start again at the end (False: --once)")
     lost_timeout_s: float = Field(5.0, ge=0.0, description="after this long without frames, show black")
+    hold_after_s: float = Field(
+        0.5, gt=0.0, le=60.0, description="without frames this long, repeat the last frame at `fps` until it returns"
+    )
     ndi_discovery: list[str] = Field(default_factory=list, description="extra NDI discovery addresses")
 
     @field_validator("uri")
@@ -116,6 +155,7 @@ class OscConfig(_Section):
     prefix: str = Field("", description="address prefix such as /vj1")
     allow: list[str] = Field(default_factory=list, description="CIDR networks allowed to send")
     oscquery_port: int | None = Field(None, ge=0, le=65535, description="HTTP port for OSCQuery")
+    oscquery_mdns: bool = Field(False, description="announce OSCQuery over mDNS/Bonjour (needs zeroconf)")
     allow_model_switch: bool = False
 
     @field_validator("prefix")
@@ -157,15 +197,56 @@ class OscConfig(_Section):
 
 
 class BrushConfig(_Section):
+    """One regional prompt ("semantic brush"); docs/regions.md. Its mask comes from exactly one of
+    `mask`, `rect`, `circle` or `shm` (none: the brush paints nothing until a mask arrives)."""
+
     prompt: str = Field("", max_length=4096)
-    negative_prompt: str = Field("", max_length=4096)
-    mask: str | None = Field(None, description="PNG path, or None for a shape")
-    rect: tuple[float, float, float, float] | None = Field(None, description="x y w h, normalised")
-    circle: tuple[float, float, float] | None = Field(None, description="x y r, normalised")
+    negative_prompt: str = Field("", max_length=4096, description="empty: the global negative prompt")
+    mask: str | None = Field(None, description="PNG path (white or opaque = inside), or None for a shape")
+    rect: tuple[float, float, float, float] | None = Field(
+        None, description="x y w h, normalised 0..1, (x, y) the top-left corner, y down"
+    )
+    circle: tuple[float, float, float] | None = Field(
+        None, description="x y r, normalised 0..1; r is a fraction of the shorter frame side"
+    )
+    shm: str | None = Field(
+        None, description="shm://NAME mask channel (docs/shm-format.md); plane = the brush's number, or ?plane=K"
+    )
     mask_strength: float = Field(1.0, ge=0.0, le=1.0)
     mask_blur: float = Field(0.0, ge=0.0, le=256.0, description="std in pixels")
-    prompt_strength: float = Field(0.95, ge=0.0, le=1.0)
+    prompt_strength: float = Field(0.95, ge=0.0, le=1.0, description="embedding mix: 0 = global prompt, 1 = own")
     enabled: bool = True
+
+    @field_validator("rect", "circle")
+    @classmethod
+    def _normalised(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if v is not None and any(not 0.0 <= x <= 1.0 for x in v):
+            raise ValueError("coordinates are normalised: every value must be in 0..1")
+        return v
+
+    @field_validator("mask")
+    @classmethod
+    def _png(cls, v: str | None) -> str | None:
+        if v is not None and not v.lower().endswith(".png"):
+            raise ValueError("must be a .png file path (shared-memory masks go in `shm`)")
+        return v
+
+    @field_validator("shm")
+    @classmethod
+    def _shm_uri(cls, v: str | None) -> str | None:
+        if v is not None:
+            name, _, query = v.removeprefix("shm://").partition("?")
+            plane = query.removeprefix("plane=")
+            if not v.startswith("shm://") or not name or (query and not (query.startswith("plane=") and plane.isdigit())):
+                raise ValueError("must be shm://NAME or shm://NAME?plane=K, e.g. shm://sn_masks")
+        return v
+
+    @model_validator(mode="after")
+    def _one_mask_source(self) -> BrushConfig:
+        given = [k for k in ("mask", "rect", "circle", "shm") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one mask source, not {' and '.join(given)}")
+        return self
 
 
 class RuntimeConfig(_Section):
@@ -176,6 +257,9 @@ class RuntimeConfig(_Section):
     metrics_interval_s: float = Field(5.0, gt=0.0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_brushes: int = Field(8, ge=0, le=32)
+    engine: Literal["stream", "passthrough"] = Field(
+        "stream", description="stream: the diffusion engine; passthrough: input resized to the output (tests, benchmarks)"
+    )
 
 
 class NodeConfig(_Section):
