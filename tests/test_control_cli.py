@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import free_udp_port
 
 from streamnode.config import OscConfig
 from streamnode.control.osc import OscServer
@@ -19,12 +19,6 @@ from streamnode.control.osc_cli import add_osc_arguments, osc_command, typed_arg
 from streamnode.control.updates import ControlQueue
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -5,17 +5,16 @@ node serves."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import re
 import subprocess
 import sys
-import types
 from functools import cache
 from pathlib import Path
 
 import pytest
+from support import load_script
 
 from streamnode.control.osc import ADDRESSES, OUT_ADDRESSES
 
@@ -26,17 +25,7 @@ READMES = [TD / "README.md", OBS / "README.md"]
 SUBCOMMANDS = ("run", "demo", "bench", "doctor", "sources", "build-engines", "osc", "presets")
 
 
-def load(path: Path, name: str) -> types.ModuleType:
-    if str(path.parent) not in sys.path:
-        sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-generate = load(TD / "generate.py", "td_generate")
+generate = load_script(TD / "generate.py", "td_generate")
 
 
 # -- generated files ------------------------------------------------------------------------------
@@ -98,7 +87,7 @@ def cli_help(command: str) -> frozenset[str]:
 @cache
 def script_help(name: str) -> frozenset[str]:
     if name == "streamnode_watchdog.py":
-        return frozenset(FLAG.findall(load(OBS / name, "kit_watchdog_help").build_parser().format_help()))
+        return frozenset(FLAG.findall(load_script(OBS / name, "kit_watchdog_help").build_parser().format_help()))
     if name == "generate.py":
         out = subprocess.run([sys.executable, str(TD / "generate.py"), "--help"], capture_output=True, text=True,
                              timeout=60, cwd=ROOT)

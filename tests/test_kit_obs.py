@@ -7,7 +7,6 @@ through the frontend) and obs-websocket against a real OBS; obs/README.md says s
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 import struct
 import sys
@@ -21,6 +20,7 @@ from typing import Any
 import pytest
 from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
+from support import free_udp_port, load_script, wait_for
 
 import streamnode.control.osc as osc_mod
 from streamnode.config import OscConfig
@@ -31,35 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OBS_DIR = ROOT / "obs"
 
 
-def load(path: Path, name: str) -> types.ModuleType:
-    """Import a kit file the way its host does: by path, its folder on sys.path."""
-    if str(path.parent) not in sys.path:
-        sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-core = load(OBS_DIR / "streamnode_obs_core.py", "streamnode_obs_core")
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 3.0, step: float = 0.01) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(step)
-    raise AssertionError(f"timed out waiting for {check}")
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+core = load_script(OBS_DIR / "streamnode_obs_core.py", "streamnode_obs_core")
 
 
 class LiveNode:
@@ -435,7 +407,7 @@ def test_obs_websocket_adapter_names_the_missing_package(monkeypatch: pytest.Mon
 
 
 def test_watchdog_cli_help_and_missing_package(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
-    watchdog = load(OBS_DIR / "streamnode_watchdog.py", "streamnode_watchdog")
+    watchdog = load_script(OBS_DIR / "streamnode_watchdog.py", "streamnode_watchdog")
     monkeypatch.setitem(sys.modules, "obsws_python", None)
     assert watchdog.main(["--fallback-scene", "BRB"]) == 2
     assert "pip install obsws-python" in capsys.readouterr().err
@@ -518,7 +490,7 @@ class FakeObs(types.ModuleType):
 def test_obs_script_end_to_end_with_a_stand_in_obs(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeObs()
     monkeypatch.setitem(sys.modules, "obspython", fake)
-    script = load(OBS_DIR / "streamnode_obs.py", "streamnode_obs_script")
+    script = load_script(OBS_DIR / "streamnode_obs.py", "streamnode_obs_script")
     reply_port = free_udp_port()
     n = LiveNode(reply_port=reply_port)
     settings: dict[str, Any] = {"node_port": n.port, "reply_port": reply_port}

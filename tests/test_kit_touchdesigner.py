@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import ast
 import csv
-import importlib.util
 import json
 import os
 import re
-import socket
 import struct
 import subprocess
 import sys
@@ -27,7 +25,7 @@ import threading
 import time
 import types
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,7 @@ import numpy as np
 import pytest
 from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
+from support import free_udp_port, load_script, wait_for
 
 from streamnode.config import OscConfig
 from streamnode.control.osc import OscServer
@@ -45,34 +44,9 @@ TD = ROOT / "touchdesigner"
 W, H = 96, 64
 
 
-def load(path: Path, name: str) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-shm_in = load(TD / "streamnode_shm_in.py", "td_streamnode_shm_in")
-shm_out = load(TD / "streamnode_shm_out.py", "td_streamnode_shm_out")
-control = load(TD / "streamnode_control.py", "td_streamnode_control")
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 5.0, step: float = 0.01) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(step)
-    raise AssertionError(f"timed out waiting for {check}")
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+shm_in = load_script(TD / "streamnode_shm_in.py", "td_streamnode_shm_in")
+shm_out = load_script(TD / "streamnode_shm_out.py", "td_streamnode_shm_out")
+control = load_script(TD / "streamnode_control.py", "td_streamnode_control")
 
 
 def unique(stem: str) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from support import wait_for
 
 from streamnode.config import load_config
 from streamnode.control.updates import Update
@@ -28,14 +29,6 @@ from streamnode.node import (
 )
 
 SIZE = 64
-
-
-def wait_for(predicate: Any, timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 class CaptureSink:
