@@ -48,12 +48,10 @@ from streamnode.config import (
     is_preset_name,
     list_presets,
 )
-from streamnode.control.updates import ControlQueue, Update
+from streamnode.control.updates import STATES, ControlQueue, Update
 
 logger = logging.getLogger(__name__)
 
-STATES = ("starting", "loading_model", "building_engine", "warming_up", "streaming", "paused", "error")
-"""Values of /streamnode/state (the node's `status()["state"]`)."""
 
 MAX_BLEND = 8
 """Most (prompt, weight) or (seed, weight) pairs one /prompt/blend or /seed/blend takes."""

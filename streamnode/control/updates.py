@@ -30,6 +30,9 @@ ENGINE_KEYS = frozenset(
 )
 """Keys the node forwards to `StreamEngine.update(**{key: value})`."""
 
+STATES = ("starting", "loading_model", "building_engine", "warming_up", "streaming", "paused", "error")
+"""The node's lifecycle states: `Node.status()["state"]`, reported as /streamnode/state."""
+
 NODE_KEYS = frozenset({"pause", "bypass", "preset", "model", "brush"})
 """Keys the node handles itself (brush values are `(index, field, value)` tuples)."""
 
