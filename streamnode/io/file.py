@@ -14,8 +14,8 @@ reads as fast as the engine consumes instead of pacing itself.
 from __future__ import annotations
 
 import logging
-import time
 import re
+import time
 from pathlib import Path
 
 import cv2
