@@ -109,6 +109,20 @@ def test_identity_follows_the_weights(tmp_path: Path, tiny_model_path: Path) -> 
     assert _identity_of(copy) != _identity_of(tiny_model_path)
 
 
+def test_identity_follows_the_configs(tmp_path: Path, tiny_model_path: Path) -> None:
+    import shutil
+
+    from streamnode.diffusion.models import _identity_of
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_path, copy)
+    config = copy / "unet" / "config.json"
+    data = json.loads(config.read_text())
+    data["attention_head_dim"] = 8
+    config.write_text(json.dumps(data))
+    assert _identity_of(copy) != _identity_of(tiny_model_path)
+
+
 def test_not_a_model_folder(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="not a diffusers model folder"):
         load_components(str(tmp_path), device="cpu")

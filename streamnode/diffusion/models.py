@@ -160,7 +160,8 @@ def _identity_of(path: Path) -> str:
     MiB of each file change whenever the weights do.
     """
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(path.rglob("*.safetensors"))
+    # Configs too: the same weights under another architecture setting are another model.
+    files = [path] if path.is_file() else sorted([*path.rglob("*.safetensors"), *path.rglob("config.json")])
     for file in files:
         size = file.stat().st_size
         digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}:{size}".encode())
@@ -172,7 +173,7 @@ def _identity_of(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _load_folder(path: Path, variant: str | None) -> dict[str, Any]:
+def _load_folder(path: Path, variant: str | None, dtype: torch.dtype) -> dict[str, Any]:
     from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -182,7 +183,7 @@ def _load_folder(path: Path, variant: str | None) -> dict[str, Any]:
                 f"{path} is not a diffusers model folder (no {sub}/); give a folder with "
                 "unet/ vae/ text_encoder/ tokenizer/ scheduler/, a .safetensors file, or --model tiny"
             )
-    kw: dict[str, Any] = {"use_safetensors": True}
+    kw: dict[str, Any] = {"use_safetensors": True, "torch_dtype": dtype}
     if variant and any((path / "unet").glob(f"*.{variant}.safetensors")):
         kw["variant"] = variant
     try:
@@ -219,14 +220,14 @@ def _load_single_file(path: Path) -> dict[str, Any]:
     }
 
 
-def _load_tiny_vae(source: str | Path) -> Any:
+def _load_tiny_vae(source: str | Path, dtype: torch.dtype) -> Any:
     from diffusers import AutoencoderTiny
 
     path = Path(source)
     if not path.exists():
         path = resolve_hub_snapshot(str(source))
     try:
-        return AutoencoderTiny.from_pretrained(path, use_safetensors=True)
+        return AutoencoderTiny.from_pretrained(path, use_safetensors=True, torch_dtype=dtype)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load the tiny VAE {source}: {str(e).splitlines()[0]}") from None
 
@@ -270,6 +271,10 @@ def load_components(
 
     On a CPU device this also sets torch's thread budget (`configure_cpu_threads`).
     """
+    from transformers.utils import logging as transformers_logging
+
+    # Per-shard progress bars are noise in a daemon's log (and in a show's terminal).
+    transformers_logging.disable_progress_bar()
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if dev.type == "cpu":
@@ -278,14 +283,14 @@ def load_components(
     path = Path(model).expanduser()
     if model == "tiny":
         path = ensure_tiny_model()
-        parts = _load_folder(path, None)
+        parts = _load_folder(path, None, dt)
     elif path.is_file():
         parts = _load_single_file(path)
     elif path.is_dir():
-        parts = _load_folder(path, "fp16" if dt == torch.float16 else None)
+        parts = _load_folder(path, "fp16" if dt == torch.float16 else None, dt)
     elif model.count("/") == 1 and not model.startswith((".", "/", "~")):
         path = resolve_hub_snapshot(model)
-        parts = _load_folder(path, "fp16" if dt == torch.float16 else None)
+        parts = _load_folder(path, "fp16" if dt == torch.float16 else None, dt)
     else:
         raise ModelLoadError(f"model {model!r}: no such file or folder, and not a hub id like owner/name")
 
@@ -295,13 +300,17 @@ def load_components(
         identity.append(f"lora={lcm_lora}")
     if use_tiny_vae:
         vae_source = tiny_vae or (path / "vae_tiny" if (path / "vae_tiny").is_dir() else DEFAULT_TINY_VAE)
-        parts["vae"] = _load_tiny_vae(vae_source)
+        parts["vae"] = _load_tiny_vae(vae_source, dt)
         identity.append(f"taesd={Path(str(vae_source)).name}")
     else:
         identity.append("vae=full")
 
     for name in ("unet", "vae", "text_encoder"):
-        parts[name] = parts[name].to(device=dev, dtype=dt).eval().requires_grad_(False)
+        # Loaded in `dt` already (from_pretrained's torch_dtype); a single-file checkpoint may not be.
+        module = parts[name]
+        if next(module.parameters()).dtype != dt:
+            module = module.to(dtype=dt)
+        parts[name] = module.to(device=dev).eval().requires_grad_(False)
     logger.info("loaded %s on %s (%s, %s VAE)", model, dev, str(dt).removeprefix("torch."),
                 "tiny" if use_tiny_vae else "full")
     return ModelComponents(

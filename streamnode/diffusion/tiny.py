@@ -20,7 +20,7 @@ from streamnode.config import cache_dir
 
 logger = logging.getLogger(__name__)
 
-TINY_FORMAT = 1
+TINY_FORMAT = 2
 """Bumped whenever the architecture below changes, so an old cached copy is rebuilt."""
 
 TINY_SEED = 20231220
@@ -101,6 +101,9 @@ def build_tiny_model(folder: Path) -> None:
     import torch
     from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
     vocab_size = write_tiny_tokenizer(folder / "tokenizer")
     bos, eos = vocab_size - 2, vocab_size - 1
@@ -161,6 +164,12 @@ def build_tiny_model(folder: Path) -> None:
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     vae.save_pretrained(folder / "vae", safe_serialization=True)
     vae_tiny.save_pretrained(folder / "vae_tiny", safe_serialization=True)
+    # AutoencoderTiny records a `block_out_channels` alias it then rejects (with a warning) on
+    # every load; published TAESD configs do not carry it.
+    vae_config = folder / "vae_tiny" / "config.json"
+    config = json.loads(vae_config.read_text(encoding="utf-8"))
+    config.pop("block_out_channels", None)
+    vae_config.write_text(json.dumps(config, indent=2), encoding="utf-8")
     text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
     scheduler.save_pretrained(folder / "scheduler")
     model_index = {
