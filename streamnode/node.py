@@ -53,7 +53,6 @@ from streamnode.io.fit import Fitter
 
 logger = logging.getLogger(__name__)
 
-STATES = ("starting", "loading_model", "building_engine", "warming_up", "streaming", "paused", "error")
 TICK_S = 0.05  # how often idle workers look at their stop Event
 SHUTDOWN_TIMEOUT_S = 2.0
 LATENCY_WINDOW = 512  # samples behind the p50/p95
@@ -154,7 +153,7 @@ def build_engine(config: NodeConfig, progress: Callable[[Any], None] | None = No
             m.id, t_index_list=s.t_index_list, width=s.width, height=s.height,
             frame_buffer_size=s.frame_buffer_size, cfg_type=s.cfg_type, device=m.device, dtype=m.dtype,
             use_tiny_vae=m.use_tiny_vae, tiny_vae=m.tiny_vae, lcm_lora=m.lcm_lora, seed=s.seed,
-            cpu_threads=m.cpu_threads,
+            cpu_threads=m.cpu_threads, max_brushes=config.runtime.max_brushes,
         )
         accelerate(engine, m.accel, allow_build=m.allow_build, progress=progress, min_size=m.engine_min_size,
                    max_size=m.engine_max_size, max_batch=m.engine_max_batch)
@@ -300,6 +299,7 @@ class Node:
         self._paused = False
         self._bypass = False
         self._brushes: dict[int, dict[str, Any]] = {}
+        self._mask_channels: Any = None  # io.shm_masks.MaskChannels, made when a brush reads shm://
         self._engine: Any = None
         self._source: Source | None = None
         self._sinks: list[_SinkSlot] = []
@@ -580,6 +580,8 @@ class Node:
                 self._fail(f"engine: {e}")
                 return
             self._engine = engine
+            if not self._setup_brushes(engine):
+                return
             self._engine_ready.set()
             # The first call fills the stream batch (T−1 silent steps) and compiles lazy kernels.
             self._state = "warming_up"
@@ -591,6 +593,8 @@ class Node:
             logger.exception("engine thread failed")
             self._fail(f"engine thread: {e}")
         finally:
+            if self._mask_channels is not None:
+                self._mask_channels.close()
             for slot in self._sinks:
                 slot.mailbox.close()
 
@@ -737,6 +741,7 @@ class Node:
 
     def _apply_updates(self) -> bool:
         """Apply what the control queue holds; True if anything was applied."""
+        self._poll_brush_masks()
         updates = self.queue.drain()
         applied = False
         for update in updates:
@@ -802,6 +807,7 @@ class Node:
             live = {k: v for k, v in self._params.items() if k in ENGINE_KEYS}
             if live:
                 engine.update(**live)
+            self._replay_brushes(engine)
         except BaseException:
             self._state = previous
             raise
@@ -814,15 +820,77 @@ class Node:
             restore(old)  # releases its TensorRT engines now rather than whenever it is collected
         logger.info("model switched to %s", model_id)
 
-    def _apply_brush(self, value: tuple[int, str, Any]) -> None:
+    # -- brushes (regional prompts; engine thread) ----------------------------------------
+
+    _MASK_SOURCES = ("mask", "rect", "circle", "shm")
+
+    def _apply_brush(self, value: tuple[int, str, Any], engine: Any = None) -> None:
+        """One brush edit (index, BrushConfig field or "clear", value): to the engine, or for
+        `shm`, to the mask-channel reader that feeds the engine the brush's plane."""
+        engine = engine or self._engine
         index, field_name, field_value = value
-        if not 0 <= int(index) < self.config.runtime.max_brushes:
+        i = int(index)
+        if not 0 <= i < self.config.runtime.max_brushes:
             raise ValueError(f"brush {index}: use 0..{self.config.runtime.max_brushes - 1}")
-        self._engine.update(brush=(int(index), field_name, field_value))
-        if field_name == "clear":
-            self._brushes.pop(int(index), None)
+        if field_name == "shm":
+            from streamnode.io.shm_masks import MaskChannels
+
+            if self._mask_channels is None:
+                self._mask_channels = MaskChannels()
+            self._mask_channels.bind(i, str(field_value))  # validates the URI before the engine changes
+            # Until the channel delivers this brush's plane, the brush paints nothing.
+            engine.update(brush=(i, "mask", None))
         else:
-            self._brushes.setdefault(int(index), {})[field_name] = field_value
+            engine.update(brush=(i, field_name, field_value))
+            if field_name in ("mask", "rect", "circle", "clear") and self._mask_channels is not None:
+                self._mask_channels.unbind(i)
+        # Copy on write: status() iterates these from other threads.
+        brushes = dict(self._brushes)
+        if field_name == "clear":
+            brushes.pop(i, None)
+        else:
+            fields = dict(brushes.get(i, {}))
+            if field_name in self._MASK_SOURCES:
+                # One mask source in force: the status shows it, and a replay applies only it.
+                for key in self._MASK_SOURCES:
+                    fields.pop(key, None)
+            fields[field_name] = field_value
+            brushes[i] = fields
+        self._brushes = brushes
+
+    def _setup_brushes(self, engine: Any) -> bool:
+        """The config's `[[brushes]]` onto a new engine, before the first frame; False (and the node
+        fails with the reason) when one cannot be applied, e.g. a missing mask file."""
+        for i, brush in enumerate(self.config.brushes):
+            try:
+                for field_name, field_value in brush.model_dump(exclude_defaults=True).items():
+                    self._apply_brush((i, field_name, field_value), engine)
+            except Exception as e:  # noqa: BLE001 - a bad preset brush is a startup failure, reported
+                self._fail(f"brush {i}: {e}")
+                return False
+        return True
+
+    def _replay_brushes(self, engine: Any) -> None:
+        """Every brush in force onto a new engine (a model switch), with the same numbers."""
+        for i, fields in self._brushes.items():
+            edit = {k: v for k, v in fields.items() if k != "shm"}
+            if "shm" in fields:
+                edit["mask"] = None  # the channel delivers the plane again at the next poll
+                self._mask_channels.bind(i, fields["shm"])
+            engine.update(brush=(i, edit))
+
+    def _poll_brush_masks(self) -> None:
+        """Hand the engine the brush masks that changed in shm:// mask channels (a header read when none did)."""
+        if not self._mask_channels:
+            return
+        for i, mask in self._mask_channels.poll():
+            try:
+                self._engine.update(brush=(i, "mask", mask))
+            except Exception as e:  # noqa: BLE001 - a bad plane is reported, never fatal
+                self._error = f"brush {i} mask: {e}"
+                if (held := self._log_limit(f"brush-mask:{i}")) is not None:
+                    logger.warning("brush %d: cannot use its shm mask: %s%s", i, e,
+                                   f" ({held} similar not logged)" if held else "")
 
     # -- sink threads ------------------------------------------------------------------
 

@@ -32,6 +32,13 @@ for k ≥ 1, with the residual R = c_out·b·(s − ε̂)/a + c_skip·b·s of th
 latent is X = a·z + b·s (z the input frame's latent), x0 = z + (b/a)(s − ε̂): s is the noise
 the latent still carries relative to the input, so δ·s as the negative pushes the result away
 from the unmodified input at no UNet cost.
+
+Regional prompts (regions.py): with n active brushes every stream row is evaluated once per
+layer (P = n + 1: the global prompt, then the brushes in cover order) on the same latent, in the
+same single call: rows stage-major, then frame, then layer, and every row count above times P.
+The layers' x0 (and R) are fused per stage with the brushes' quantized cover weights before
+they are carried, x0_k = Σ_p W_{p,k}·x0_{p,k}, so the carried state, the re-noising and the
+cost without brushes are exactly the above.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -49,6 +56,7 @@ from pydantic import ValidationError
 
 from streamnode.config import StreamConfig
 from streamnode.diffusion.prompts import BLEND_METHODS, PromptCache, blend_embeddings, check_weights
+from streamnode.diffusion.regions import Regions
 from streamnode.diffusion.schedule import LcmSchedule, strength_to_t_index
 from streamnode.diffusion.similarity import SimilarityFilter
 
@@ -76,9 +84,12 @@ UPDATE_KEYS = frozenset(
         "seed_blend",
         "similarity_threshold",
         "similarity_max_skip",
+        "brush",
+        "brush_order",
     }
 )
-"""What `StreamEngine.update()` accepts: the node's ENGINE_KEYS plus `blend_method`."""
+"""What `StreamEngine.update()` accepts: the node's ENGINE_KEYS plus `blend_method`, `brush`
+((index, field, value) or (index, {field: value, ...}); regions.py) and `brush_order`."""
 
 # Live fields whose change alters the output: after one, the similarity filter stands aside until
 # the change has flowed through every stage (a static input would otherwise freeze the old look).
@@ -153,6 +164,16 @@ def _pairs(value: Any, what: str) -> list[tuple[Any, Any]]:
     return pairs
 
 
+def _brush_fields(value: Any) -> tuple[Any, dict[str, Any]]:
+    """`update(brush=...)`: (index, field, value) or (index, {field: value, ...}) → (index, fields)."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        if len(value) == 3 and isinstance(value[1], str):
+            return value[0], {value[1]: value[2]}
+        if len(value) == 2 and isinstance(value[1], Mapping):
+            return value[0], dict(value[1])
+    raise ValueError("brush: give (index, field, value) or (index, {field: value, ...}), e.g. (0, 'prompt', 'flames')")
+
+
 class StreamEngine:
     """Stream-batch img2img / txt2img over one set of model components.
 
@@ -186,6 +207,7 @@ class StreamEngine:
         prompt_transition_frames: int = 4,
         blend_method: str = "linear",
         prompt_cache_size: int = 64,
+        max_brushes: int = 8,
     ) -> None:
         fixed = _check_stream_values(
             {"width": width, "height": height, "frame_buffer_size": frame_buffer_size, "cfg_type": cfg_type}
@@ -229,6 +251,10 @@ class StreamEngine:
         self._scheduler = type(components.scheduler).from_config(components.scheduler.config)
         self._prompts = PromptCache(self._encode_texts, maxsize=prompt_cache_size)
         self._filter = SimilarityFilter(seed=seed)
+        self._regions = Regions(
+            width=self.width, height=self.height, latent_hw=self.latent_shape[1:], max_brushes=max_brushes,
+            encode=self._prompts.get_many, device=self.device, dtype=self.dtype,
+        )
         # For converting v / x0 predictions to ε: sqrt(ᾱ(t)), sqrt(1 − ᾱ(t)) for every train t.
         acp = self._scheduler.alphas_cumprod.double()
         self._sqrt_acp = acp.sqrt().to(self.device, self.dtype)
@@ -323,14 +349,26 @@ class StreamEngine:
 
     @property
     def negative_rows(self) -> int:
-        """UNet rows evaluated with the negative prompt (they come first): B for full, F for initialize."""
+        """UNet rows evaluated with the negative prompt (they come first): B for full, F for initialize
+        (times P, the layers, with brushes)."""
         B = self.steps * self.frame_buffer_size
-        return {"none": 0, "self": 0, "full": B, "initialize": self.frame_buffer_size}[self.cfg_type]
+        return {"none": 0, "self": 0, "full": B, "initialize": self.frame_buffer_size}[self.cfg_type] * self.layers
 
     @property
     def batch_rows(self) -> int:
-        """Rows of the one UNet call per frame: B (none, self), 2B (full), B + F (initialize)."""
-        return self.steps * self.frame_buffer_size + self.negative_rows
+        """Rows of the one UNet call per frame: B (none, self), 2B (full), B + F (initialize); each
+        times P = active brushes + 1."""
+        return self.steps * self.frame_buffer_size * self.layers + self.negative_rows
+
+    @property
+    def layers(self) -> int:
+        """P: UNet rows per (stage, frame): the global prompt plus every active brush (regions.py)."""
+        return self._regions.layers
+
+    @property
+    def regions(self) -> Regions:
+        """The brushes, their masks and cover weights, for inspection; edit them through `update()`."""
+        return self._regions
 
     @property
     def schedule(self) -> LcmSchedule:
@@ -347,13 +385,28 @@ class StreamEngine:
         return (
             f"StreamEngine({self.width}x{self.height}, t_index_list={self.t_index_list}, "
             f"frame_buffer_size={self.frame_buffer_size}, cfg_type={self.cfg_type!r}, "
-            f"batch_rows={self.batch_rows}, device={self.device}, dtype={self.dtype})"
+            f"batch_rows={self.batch_rows}, brushes={len(self._regions.active)}, device={self.device}, "
+            f"dtype={self.dtype})"
         )
 
     @property
     def warm(self) -> bool:
         """False until the first frame after prepare() has filled the stream buffer."""
         return not self._cold
+
+    # -- regional prompts (regions.py) ------------------------------------------------------
+
+    def set_brush(self, index: int, **fields: Any) -> None:
+        """Create or edit brush `index` in one step, e.g. set_brush(0, prompt="flames", rect=(0, 0, .5, .5))."""
+        self.update(brush=(index, fields))
+
+    def clear_brush(self, index: int) -> None:
+        """Remove brush `index`."""
+        self.update(brush=(index, "clear", None))
+
+    def reorder_brushes(self, order: Sequence[int]) -> None:
+        """New cover order, bottom first: every brush number once (later brushes cover earlier ones)."""
+        self.update(brush_order=list(order))
 
     # -- live parameters -------------------------------------------------------------------
 
@@ -398,6 +451,10 @@ class StreamEngine:
             x0 estimate with the new schedule / noises; no UNet work is added and no
             half-denoised frame is returned. A change of T changes `batch_rows`.
         similarity_threshold (0 disables), similarity_max_skip, prompt_transition_frames.
+        brush: (index, field, value) or (index, {field: value, ...}) edits, creates ("clear":
+            removes) one brush (regions.FIELDS); only that brush is re-encoded / re-masked, and
+            the stream is not flushed. A change in the number of active brushes changes
+            `batch_rows`. brush_order: every brush number once, bottom first.
 
         Raises ValueError (the engine unchanged) for an unknown key or a bad value.
         """
@@ -414,7 +471,8 @@ class StreamEngine:
         unknown = sorted(set(kwargs) - UPDATE_KEYS)
         if unknown:
             raise ValueError(f"unknown engine parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(UPDATE_KEYS))}")
-        for a, b in (("prompt", "prompt_blend"), ("seed", "seed_blend"), ("t_index_list", "strength")):
+        for a, b in (("prompt", "prompt_blend"), ("seed", "seed_blend"), ("t_index_list", "strength"),
+                     ("brush", "brush_order")):
             if a in kwargs and b in kwargs and kwargs[b] is not None:
                 raise ValueError(f"give {a} or {b}, not both")
 
@@ -467,6 +525,10 @@ class StreamEngine:
             derived["schedule"] = LcmSchedule.from_scheduler(self._scheduler, new.t_index_list)
         if self._stage_noise is None or new.seed_blend != old.seed_blend or len(new.t_index_list) != self.steps:
             derived["noise"] = self._noise_for(new.seed_blend, len(new.t_index_list))
+        if "brush" in kwargs:
+            derived["brush"] = self._regions.check(*_brush_fields(kwargs["brush"]))
+        if "brush_order" in kwargs:
+            derived["brush_order"] = self._regions.check_order(kwargs["brush_order"])
         return new, derived
 
     def _commit(self, new: LiveParams, derived: dict[str, Any], *, transition: bool) -> None:
@@ -484,8 +546,19 @@ class StreamEngine:
             self._stage_noise = derived["noise"]
         if "schedule" in derived or "noise" in derived:
             self._build_layout(derived.get("schedule", self._schedule), old_steps=len(old.t_index_list))
+        if "brush" in derived or "brush_order" in derived:
+            # Only the edited brush was recomputed (check); the rows change size only when the
+            # number of active brushes does. The carried x0 is one per (stage, frame): no flush.
+            layers = self.layers
+            if "brush" in derived:
+                self._regions.commit(derived["brush"])
+            else:
+                self._regions.commit_order(derived["brush_order"])
+            if self.layers != layers:
+                self._build_rows()
+            self._rows_dirty = True
         changed = {f.name for f in dataclasses.fields(LiveParams) if getattr(old, f.name) != getattr(new, f.name)}
-        if changed & _OUTPUT_FIELDS:
+        if changed & _OUTPUT_FIELDS or "brush" in derived or "brush_order" in derived:
             self._settle = max(self._settle, new.prompt_transition_frames + self.steps)
         if changed:
             logger.debug("engine parameters: %s", ", ".join(f"{k}={getattr(new, k)!r}" for k in sorted(changed)))
@@ -529,7 +602,6 @@ class StreamEngine:
         T, F = schedule.steps, self.frame_buffer_size
         B = T * F
         self._schedule = schedule
-        n_neg = {"none": 0, "self": 0, "full": B, "initialize": F}[self.cfg_type]
 
         def per_row(values: torch.Tensor) -> torch.Tensor:
             return values.repeat_interleave(F).view(B, 1, 1, 1).to(self.device, self.dtype)
@@ -541,15 +613,10 @@ class StreamEngine:
         self._a_over_b = per_row(schedule.alpha / schedule.beta)
         assert self._stage_noise is not None
         self._noise = self._stage_noise.repeat_interleave(F, dim=0).to(self.device, self.dtype)
-        t_rows = schedule.timesteps.repeat_interleave(F).to(self.device)
-        # Negative rows come first and are the first n_neg stage rows again (all of them, or stage 0).
-        self._unet_t = torch.cat([t_rows[:n_neg], t_rows])
-        rows = n_neg + B
-        if getattr(self, "_unet_in", None) is None or self._unet_in.shape[0] != rows:
-            self._unet_in = torch.zeros((rows, *self.latent_shape), device=self.device, dtype=self.dtype)
-            self._unet_emb: torch.Tensor | None = None
-            self._rows_dirty = True
-        self._x = self._unet_in[n_neg:]  # the B stream rows, a view: written in place every call
+        self._t_rows = schedule.timesteps.repeat_interleave(F).to(self.device)
+        # Brush masks are quantized by the stage noise levels σ_k = b_k.
+        self._regions.set_sigmas(schedule.beta.tolist())
+        self._build_rows()
         if not self._cold and old_steps != schedule.steps and self._x0_prev is not None:
             # New stage k continues from old stage min(k, T_old − 1): the same frames, in order.
             index = torch.tensor([min(k, old_steps - 1) * F + f for k in range(T) for f in range(F)],
@@ -558,10 +625,35 @@ class StreamEngine:
             if self._resid_prev is not None:
                 self._resid_prev = self._resid_prev[index]
 
+    def _build_rows(self) -> None:
+        """The UNet call's tensors for T, F, cfg_type and P layers (reallocated when the row count changes)."""
+        P, F = self.layers, self.frame_buffer_size
+        B = self.steps * F
+        n_neg, rows = self.negative_rows, self.batch_rows
+        t_rows = self._t_rows.repeat_interleave(P) if P > 1 else self._t_rows
+        # Negative rows come first and are the first n_neg stream rows again (all of them, or stage 0).
+        self._unet_t = torch.cat([t_rows[:n_neg], t_rows])
+        if getattr(self, "_unet_in", None) is None or self._unet_in.shape[0] != rows:
+            self._unet_in = torch.zeros((rows, *self.latent_shape), device=self.device, dtype=self.dtype)
+            self._unet_emb: torch.Tensor | None = None
+            self._rows_dirty = True
+        if P == 1:
+            self._x = self._unet_in[n_neg:]  # the B stream rows, a view: written in place every call
+        else:
+            # With brushes X is its own B rows, copied once per layer into the stream rows.
+            self._x = torch.zeros((B, *self.latent_shape), device=self.device, dtype=self.dtype)
+
     # -- per-frame math (separable so regions can fuse x0 per brush before re-noising) -------
 
+    def _by_layer(self, out: torch.Tensor) -> torch.Tensor:
+        """UNet rows (…, layer fastest) → (P, rows / P, C, h, w), a view: row r of layer p is out[r·P + p]."""
+        return out.unflatten(0, (-1, self.layers)).transpose(0, 1)
+
     def predict_x0(self, x: torch.Tensor, eps: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
-        """LCM step with boundary condition: x0 = c_out·(X − b·ε)/a + c_skip·X, per row."""
+        """LCM step with boundary condition: x0 = c_out·(X − b·ε)/a + c_skip·X, per row.
+
+        eps may carry a leading layer axis, (P, rows, C, h, w): the layers share X and the scalars.
+        """
         a, b = self._a[rows], self._b[rows]
         return self._c_out[rows] * (x - b * eps) / a + self._c_skip[rows] * x
 
@@ -606,7 +698,7 @@ class StreamEngine:
 
     def _stream_step(self, x_new: torch.Tensor) -> torch.Tensor:
         """One stream-batch step: F new stage-0 latents in, the F finished x0 (stage T−1) out."""
-        F, T = self.frame_buffer_size, self.steps
+        F, T, P = self.frame_buffer_size, self.steps, self.layers
         n_neg = self.negative_rows
         X = self._x
         later = slice(F, None)  # stages 1 … T−1
@@ -628,40 +720,62 @@ class StreamEngine:
                 assert self._resid_prev is not None
                 s = torch.cat([s, self._stock_noise(self._resid_prev[:-F], later)])
 
-        # 3. Negative rows (before the B stream rows): full repeats all of X, initialize stage 0.
-        if n_neg:
-            self._unet_in[:n_neg] = X[:n_neg]
+        # 3. Brushes: each (stage, frame) latent once per layer (global prompt, then the active
+        #    brushes): stream row (k·F + f)·P + p = X_{k·F+f}. Without brushes X is the stream rows.
+        stream_rows = self._unet_in[n_neg:]
+        if P > 1:
+            stream_rows.unflatten(0, (-1, P)).copy_(X.unsqueeze(1))
 
-        # 4. ONE UNet call over all batch_rows rows.
+        # 4. Negative rows (before the stream rows): full repeats all of them, initialize stage 0.
+        if n_neg:
+            self._unet_in[:n_neg] = stream_rows[:n_neg]
+
+        # 5. ONE UNet call over all batch_rows rows; with brushes, ε per layer: (P, rows / P, …).
         out = self._unet(self._unet_in, self._unet_t, self._unet_emb)
         eps_neg, eps_c = out[:n_neg], out[n_neg:]
+        if P > 1:
+            eps_neg, eps_c = self._by_layer(eps_neg), self._by_layer(eps_c)
 
-        # 5. Guidance: ε̂ = ε_u + g·(ε_c − ε_u) with ε_u the real negative (full) or δ·s (self,
-        #    initialize; initialize first replaces stage 0's s with the real negative ε).
+        # 6. Guidance: ε̂ = ε_u + g·(ε_c − ε_u) with ε_u the real negative (full) or δ·s (self,
+        #    initialize; initialize first replaces stage 0's s with the real negative ε, per layer).
         if self.cfg_type == "none":
             eps_hat = eps_c
         elif self.cfg_type == "full":
             eps_hat = self._guide(eps_c, eps_neg)
         else:
             if self.cfg_type == "initialize":
-                s = torch.cat([eps_neg, s[F:]])  # type: ignore[index]
+                rest = s[F:] if P == 1 else s[F:].expand(P, *s[F:].shape)  # type: ignore[index]
+                s = torch.cat([eps_neg, rest], dim=0 if P == 1 else 1)
             eps_hat = self._guide(eps_c, self.params.delta * s)
 
-        # 6. LCM step for every row: x0 = c_out·(X − b·ε̂)/a + c_skip·X.
+        # 7. LCM step for every row: x0 = c_out·(X − b·ε̂)/a + c_skip·X (per layer with brushes).
         x0 = self.predict_x0(X, eps_hat)
+        resid = self._stock_residual(s, eps_hat, slice(None)) if rcfg else None  # type: ignore[arg-type]
 
-        # 7. Carry x0 (and the RCFG residual R) to the next call, which re-noises them (step 1).
-        self._resid_prev = self._stock_residual(s, eps_hat, slice(None)) if rcfg else None  # type: ignore[arg-type]
+        # 8. Brushes: fuse the layers with each stage's cover weights, x0_k = Σ_p W_{p,k}·x0_{p,k}
+        #    (R likewise): one x0 per (stage, frame) is carried and re-noised once (step 1).
+        if P > 1:
+            x0 = self._regions.fuse(x0, F)
+            resid = None if resid is None else self._regions.fuse(resid, F)
+
+        # 9. Carry x0 (and the RCFG residual R) to the next call, which re-noises them (step 1).
+        self._resid_prev = resid
         self._x0_prev = x0
         return x0[-F:]
 
     def _write_rows(self, emb: torch.Tensor) -> None:
         """(2, 77, D) [negative, positive] → the (batch_rows, 77, D) embeddings of the UNet call."""
-        n_neg, rows = self.negative_rows, self.batch_rows
+        n_neg, rows, P = self.negative_rows, self.batch_rows, self.layers
         if self._unet_emb is None or self._unet_emb.shape[0] != rows:
             self._unet_emb = torch.empty((rows, *emb.shape[1:]), device=self.device, dtype=self.dtype)
-        self._unet_emb[:n_neg] = emb[0]
-        self._unet_emb[n_neg:] = emb[1]
+        if P == 1:
+            self._unet_emb[:n_neg] = emb[0]
+            self._unet_emb[n_neg:] = emb[1]
+            return
+        # Brushes: row r holds layer r mod P (layer fastest), each mixed toward the global prompt.
+        negative, positive = self._regions.layer_embeddings(emb)
+        self._unet_emb[:n_neg].unflatten(0, (-1, P)).copy_(negative)
+        self._unet_emb[n_neg:].unflatten(0, (-1, P)).copy_(positive)
 
     def _frame_embeddings(self) -> torch.Tensor:
         """This frame's [negative, positive] embeddings, one transition step further; rows written."""
@@ -783,10 +897,11 @@ class StreamEngine:
         Same noises, schedule, embeddings (the current ones) and RCFG recurrence as the stream;
         the UNet runs once per stage on F rows (2F for full, and for initialize's stage 0).
         Leaves the stream state untouched. After warm-up, the stream fed the same frame
-        repeatedly returns exactly this. `output_type` applies when frame is None.
+        repeatedly returns exactly this. `output_type` applies when frame is None. With brushes
+        each stage runs its F rows once per layer and fuses them with that stage's weights.
         """
         with torch.inference_mode():
-            F, T = self.frame_buffer_size, self.steps
+            F, T, P = self.frame_buffer_size, self.steps, self.layers
             if frame is None:
                 kind = self._txt2img_kind(output_type)
                 x = self._noise[:F]
@@ -794,21 +909,29 @@ class StreamEngine:
                 image, kind = self._preprocess(frame)
                 x = self.renoise(self._encode(image), slice(0, F))
             assert self._emb_current is not None
-            emb_neg = self._emb_current[0:1].expand(F, -1, -1)
-            emb_pos = self._emb_current[1:2].expand(F, -1, -1)
-            t_rows = self._unet_t[self.negative_rows:]
+            if P == 1:
+                emb_neg = self._emb_current[0:1].expand(F, -1, -1)
+                emb_pos = self._emb_current[1:2].expand(F, -1, -1)
+            else:
+                # Frame, then layer: the stream's row order within a stage.
+                negative, positive = self._regions.layer_embeddings(self._emb_current)
+                emb_neg, emb_pos = negative.repeat(F, 1, 1), positive.repeat(F, 1, 1)
             rcfg = self.cfg_type in ("self", "initialize")
             s = self._noise[:F] if rcfg else None
             x0 = x
             for k in range(T):
                 rows = slice(k * F, (k + 1) * F)
-                t = t_rows[rows]
+                t = self._t_rows[rows]
+                xs, ts = (x, t) if P == 1 else (x.repeat_interleave(P, 0), t.repeat_interleave(P))
                 # One UNet call for stage k (with the negative rows where the stream has them).
                 if self.cfg_type == "full" or (self.cfg_type == "initialize" and k == 0):
-                    out = self._unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([emb_neg, emb_pos]))
-                    eps_neg, eps_c = out[:F], out[F:]
+                    out = self._unet(torch.cat([xs, xs]), torch.cat([ts, ts]), torch.cat([emb_neg, emb_pos]))
+                    eps_neg, eps_c = out[: F * P], out[F * P :]
                 else:
-                    eps_neg, eps_c = None, self._unet(x, t, emb_pos.contiguous())
+                    eps_neg, eps_c = None, self._unet(xs, ts, emb_pos.contiguous())
+                if P > 1:
+                    eps_c = self._by_layer(eps_c)
+                    eps_neg = None if eps_neg is None else self._by_layer(eps_neg)
                 if self.cfg_type == "none":
                     eps_hat = eps_c
                 elif self.cfg_type == "full":
@@ -818,10 +941,15 @@ class StreamEngine:
                         s = eps_neg
                     eps_hat = self._guide(eps_c, self.params.delta * s)  # type: ignore[operator]
                 x0 = self.predict_x0(x, eps_hat, rows)
+                resid = self._stock_residual(s, eps_hat, rows) if rcfg and k < T - 1 else None  # type: ignore[arg-type]
+                if P > 1:
+                    stage = slice(k, k + 1)
+                    x0 = self._regions.fuse(x0, F, stage)
+                    resid = None if resid is None else self._regions.fuse(resid, F, stage)
                 if k < T - 1:
                     following = slice((k + 1) * F, (k + 2) * F)
-                    if rcfg:
-                        s = self._stock_noise(self._stock_residual(s, eps_hat, rows), following)  # type: ignore[arg-type]
+                    if resid is not None:
+                        s = self._stock_noise(resid, following)
                     x = self.renoise(x0, following)
             image = self._decode(x0)
         return self._postprocess(image, kind)
