@@ -102,6 +102,9 @@ _STREAM_FIELDS = set(StreamConfig.model_fields)
 _BRUSH_FIELDS = set(BrushConfig.model_fields)
 
 
+ADDRESSES_BY_NAME = {p.address: p for p in ADDRESSES}
+
+
 def assert_valid(update: Update) -> None:
     """Whatever passed the OSC checks must be a value the config itself accepts."""
     if update.key in _STREAM_FIELDS:
@@ -120,6 +123,10 @@ def assert_valid(update: Update) -> None:
                 assert all(0.0 <= v <= 1.0 for v in value)
         else:
             assert field == "clear" and value is None
+    elif update.key == "brush_order":
+        assert len(set(update.value)) == len(update.value)
+        (arg,) = ADDRESSES_BY_NAME["/brush/order"].args
+        assert all(isinstance(v, int) and arg.min <= v <= arg.max for v in update.value)
     elif update.key in ("pause", "bypass"):
         assert isinstance(update.value, bool)
     elif update.key == "preset":
@@ -199,7 +206,7 @@ def test_well_formed_values_in_range_are_accepted() -> None:
     @given(data=st.data())
     def run(data: st.DataObject) -> None:
         param = data.draw(st.sampled_from([p for p in ADDRESSES if p.kind == "value" and p.key not in
-                                           ("preset", "model") and p.field != "mask"]))
+                                           ("preset", "model") and p.field not in ("mask", "shm")]))
         lo, hi = param.repeat
         groups = data.draw(st.integers(lo, min(hi, 3)))
         args: list[tuple[str, Any]] = []
@@ -213,8 +220,8 @@ def test_well_formed_values_in_range_are_accepted() -> None:
                 else:
                     v = data.draw(st.floats(a.min, a.max, width=32))
                     args.append(data.draw(st.sampled_from([("f", v), ("d", v)])))
-        if param.address == "/t_index":
-            ints = sorted({int(v) for _, v in args})
+        if param.address in ("/t_index", "/brush/order"):
+            ints = sorted({int(v) for _, v in args})  # strictly increasing, hence distinct
             args = [("i", v) for v in ints]
         if param.finish is not None and param.address.endswith("/blend"):
             args[1] = ("f", 1.0)  # weights must not all be 0

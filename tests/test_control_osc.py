@@ -201,6 +201,7 @@ CASES = [
     ("/pause", [1], "pause", True, [1]),
     ("/bypass", [1.0], "bypass", True, [1]),
     ("/preset", ["demo"], "preset", "demo", ["demo"]),
+    ("/brush/order", [2, 0, 1], "brush_order", [2, 0, 1], [2, 0, 1]),
 ]
 
 
@@ -232,6 +233,7 @@ def test_brush_addresses_make_brush_updates(rig: Rig, tmp_path: Path) -> None:
         ("/brush/2/rect", [0.1, 0.2, 0.5, 0.5], "rect", (0.1, 0.2, 0.5, 0.5)),
         ("/brush/2/circle", [0.5, 0.5, 0.25], "circle", (0.5, 0.5, 0.25)),
         ("/brush/2/mask", [str(png)], "mask", str(png)),
+        ("/brush/2/shm", ["shm://masks?plane=1"], "shm", "shm://masks?plane=1"),
     ]
     for address, args, _, _ in sends:
         rig.surface.send(address, *args)
@@ -246,8 +248,10 @@ def test_brush_addresses_make_brush_updates(rig: Rig, tmp_path: Path) -> None:
     rig.surface.send("/brush/8/prompt", "x")
     rig.surface.send("/brush/0/mask", str(tmp_path / "nope.png"))
     rig.surface.send("/brush/0/mask", "/etc/passwd")
+    rig.surface.send("/brush/0/shm", "masks")  # a channel is a shm:// URI
+    rig.surface.send("/brush/order", 1, 0, 1)  # each brush once
     errors = rig.surface.errors()
-    assert len(errors) == 3
+    assert len(errors) == 5
     assert "unknown address" in errors[0] and "/brush/0 to /brush/7" in errors[0]
     assert "not an existing .png" in errors[1]
 

@@ -366,6 +366,10 @@ def live() -> Iterator[tuple[LiveNode, Any]]:
 
 def example_value(entry: dict[str, Any], mask: str) -> Any:
     style = entry["style"]
+    if entry["address"] == "/brush/order":
+        return "1 0"
+    if entry["address"].endswith("/shm"):  # /brush/0/shm, /brush/1/shm, ...
+        return "shm://streamnode_masks?plane=0"
     if "repeat" in entry:
         return {"i": "20 35 45", "sf": "a neon city:0.7 | a forest:0.3", "if": "7:0.5 | 42:0.5"}[entry["arg_tags"]]
     if style == "Toggle":

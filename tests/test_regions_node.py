@@ -197,6 +197,11 @@ def test_osc_brush_addresses_paint_regions_of_the_running_node(tiny_model_path, 
         stages = engine.regions.stage_masks(1)
         assert bool((stages[1] >= stages[0]).all()) and bool((stages[1] > stages[0]).any())  # edges grow in
 
+        assert engine.regions.order == (0, 1)
+        send(surface, port, "/brush/order", 1, 0)  # brush 0 now covers brush 1 where they overlap
+        wait_applied(surface, "/brush/order")
+        assert engine.regions.order == (1, 0) and engine.regions.active == (1, 0)
+
         send(surface, port, "/brush/0/enabled", 0)
         wait_applied(surface, "/brush/0/enabled")
         assert engine.regions.active == (1,) and engine.batch_rows == 2 * 2

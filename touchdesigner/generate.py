@@ -83,6 +83,10 @@ def example_args(param: Param) -> list[Any]:
         return ["tiny"]
     if param.address == "/brush/N/mask":
         return ["C:/masks/brush0.png"]
+    if param.address == "/brush/N/shm":
+        return ["shm://streamnode_masks?plane=0"]
+    if param.address == "/brush/order":
+        return [1, 0]  # brush 1 at the bottom, brush 0 over it
     out: list[Any] = []
     pairs = [("a neon city at night", 0.7), ("a watercolor forest", 0.3)]
     if param.repeat != (1, 1):  # the blends: two weighted pairs

@@ -315,6 +315,18 @@ def _mask_path(path: str) -> str:
     return path
 
 
+def _shm_channel(uri: str) -> str:
+    if not uri.startswith("shm://") or len(uri) <= len("shm://"):
+        raise OscReject(f"{uri[:200]!r} is not a mask channel such as shm://masks or shm://masks?plane=2")
+    return uri
+
+
+def _distinct(value: list[int]) -> list[int]:
+    if len(set(value)) != len(value):
+        raise OscReject(f"{' '.join(map(str, value))}: name each brush once, bottom first, e.g. 2 0 1")
+    return value
+
+
 def _build_addresses() -> list[Param]:
     S, B = StreamConfig, BrushConfig
     text = Arg("s", max_len=_meta(S, "prompt", "max_length"))
@@ -385,7 +397,14 @@ def _build_addresses() -> list[Param]:
               "Brush N mask: circle x y r, normalised 0..1.", None, field="circle"),
         Param("/brush/N/mask", (Arg("s", max_len=4096),), "brush", "Brush N mask from a PNG file path.",
               None, field="mask", finish=_mask_path),
+        Param("/brush/N/shm", (Arg("s", max_len=4096),), "brush",
+              "Brush N mask from a shm:// mask channel (docs/shm-format.md), e.g. shm://masks?plane=2.",
+              None, field="shm", finish=_shm_channel),
         Param("/brush/N/clear", (), "brush", "Remove brush N.", kind="trigger", field="clear"),
+        Param("/brush/order", (Arg("i", 0, _meta(RuntimeConfig, "max_brushes", "le") - 1),), "brush_order",
+              "Cover order of the brushes, bottom first (a later brush covers an earlier one): every "
+              "brush number once.", None, repeat=(1, _meta(RuntimeConfig, "max_brushes", "le")),
+              finish=_distinct),
     ]
     return params
 

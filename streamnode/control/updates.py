@@ -26,6 +26,7 @@ ENGINE_KEYS = frozenset(
         "seed_blend",  # list[tuple[int, float]]
         "similarity_threshold",
         "similarity_max_skip",
+        "brush_order",  # list[int]: brush numbers, bottom first
     }
 )
 """Keys the node forwards to `StreamEngine.update(**{key: value})`."""
