@@ -222,6 +222,50 @@ def bench_overhead(c: ModelComponents, steps: int, size: int, args: argparse.Nam
     }
 
 
+def bench_compile(model: str, steps: int, size: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Eager vs `--accel compile` (torch.compile, inductor, channels-last) on the same frames,
+    interleaved. Each side has its own copy of the weights: compiling converts its modules'
+    memory layout, which must not change what the eager side runs."""
+    from streamnode.accel import accelerate, describe_seams, restore
+
+    engines = []
+    for _ in range(2):
+        with quiet_diffusers():
+            comps = load_components(model, device=args.device, dtype=args.dtype)
+        engine = StreamEngine.from_components(
+            comps, t_index_list=T_INDEX[steps], width=size, height=size, cfg_type="none", similarity_threshold=0.0
+        )
+        engine.prepare(prompt=PROMPT)
+        engines.append(engine)
+    eager, compiled = engines
+    backend = accelerate(compiled, "compile")
+    frames = frames_pool(args.frames, size, seed=2)
+    t0 = time.perf_counter()
+    compiled(frames[0])  # the first call compiles every seam for this shape
+    first_call_s = time.perf_counter() - t0
+    compile_s = sum(v.get("compile_seconds", 0.0) for v in describe_seams(compiled).values())
+    for frame in frames[: args.warmup]:
+        eager(frame)
+        compiled(frame)
+    t_eager, t_compiled = [], []
+    for _ in range(args.rounds):
+        for frame in frames:
+            t_eager.append(timed_frames(eager, [frame], eager.components.device))
+            t_compiled.append(timed_frames(compiled, [frame], compiled.components.device))
+    restore(compiled)
+    fps_eager, fps_compiled = 1 / statistics.median(t_eager), 1 / statistics.median(t_compiled)
+    return {
+        "steps": steps,
+        "size": size,
+        "backend": backend,  # "eager" here means compile could not be set up (the log says why)
+        "fps_eager": round(fps_eager, 3),
+        "fps_compile": round(fps_compiled, 3),
+        "compile_vs_eager": round(fps_compiled / fps_eager, 3),
+        "first_call_s": round(first_call_s, 2),
+        "compile_seconds": round(compile_s, 2),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
@@ -234,16 +278,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--overhead-size", type=int, default=512, help="0 skips the host-overhead run")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch intra-op threads (0: torch's default); 1 is steadier on a shared CPU")
+                        help="torch intra-op threads (0: the loader's budget, half the cores on a CPU)")
+    parser.add_argument("--compile-steps", type=int, nargs="*", default=[1], choices=sorted(T_INDEX),
+                        help="steps to time eager vs torch.compile at (none: skip; each costs a compile)")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)  # diffusers' config nags, not results
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
     with quiet_diffusers():
-        c = load_components(args.model, device=args.device, dtype=args.dtype)
+        c = load_components(args.model, device=args.device, dtype=args.dtype, cpu_threads=args.threads or None)
     result: dict[str, Any] = {
         "benchmark": "engine",
         "model": args.model,
@@ -260,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.overhead_size:
         result["host_overhead_at"] = [bench_overhead(c, steps, args.overhead_size, args) for steps in (1, 4)]
+    if args.compile_steps:
+        result["compile_vs_eager"] = [bench_compile(args.model, steps, args.size, args) for steps in args.compile_steps]
     runs = {r["steps"]: r for r in result["runs"]}
     targets: dict[str, Any] = {}
     if 1 in runs:
