@@ -19,21 +19,6 @@ TOL = 1e-4
 T_INDEX = {1: [32], 2: [20, 45], 3: [10, 30, 45], 4: [5, 20, 32, 45]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # noqa: ANN201
-    """64×64 tensors gain nothing from intra-op threads, and on a shared CPU every OpenMP barrier
-    waits for a descheduled sibling thread: one thread runs this file 10–50× faster there."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def components(tiny_components):  # noqa: ANN001, ANN201 - the session's tiny components, fp32 CPU
-    return tiny_components
-
-
 def make_engine(components, *, steps=2, frames=1, cfg="self", **kw) -> StreamEngine:  # noqa: ANN001
     kw.setdefault("similarity_threshold", 0.0)
     kw.setdefault("seed", 2)

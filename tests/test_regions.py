@@ -37,20 +37,6 @@ T_INDEX = {1: [32], 2: [20, 45], 3: [10, 30, 45]}
 ALL = np.ones((SIZE, SIZE), np.float32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # noqa: ANN201
-    """Small tensors gain nothing from intra-op threads; on a shared CPU they lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def components(tiny_components):  # noqa: ANN001, ANN201 - the session's tiny components, fp32 CPU
-    return tiny_components
-
-
 def make_engine(components, *, steps=2, frames=1, cfg="none", prompt="a red fox", **kw) -> StreamEngine:  # noqa: ANN001
     engine = StreamEngine.from_components(
         components, t_index_list=kw.pop("t_index_list", T_INDEX[steps]), width=SIZE, height=SIZE,

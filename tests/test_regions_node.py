@@ -29,14 +29,6 @@ from streamnode.node import Node
 SIZE = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # noqa: ANN201
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class CaptureSink(base.Transport):
     """Counts the frames it is sent (registered as brushtest://)."""
 

@@ -12,14 +12,6 @@ from streamnode.diffusion.stream import StreamEngine
 SIZE = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # noqa: ANN201
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_skip_probability_rule() -> None:
     p = SimilarityFilter.skip_probability
     assert p(0.5, 0.98) == 0.0
