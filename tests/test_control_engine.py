@@ -77,11 +77,13 @@ def test_every_engine_address_is_accepted_by_the_engine(tiny_components) -> None
         "/prompt": ["a cat"], "/negative_prompt": ["blurry"], "/prompt/blend": ["a", 0.5, "b", 0.5],
         "/prompt/transition": [8], "/guidance": [1.5], "/delta": [0.5], "/strength": [0.4],
         "/t_index": [10, 30], "/seed": [3_000_000_000], "/seed/blend": [1, 0.5, 2, 0.5],
-        "/similarity": [0.9], "/similarity/max_skip": [4],
+        "/similarity": [0.9], "/similarity/max_skip": [4], "/brush/order": [1, 0],
     }
     engine_addresses = {p.address for p in ADDRESSES if p.key in ENGINE_KEYS}
     assert set(sends) == engine_addresses
     frame = np.zeros((64, 64, 3), np.uint8)
+    eng.update(brush=(0, "rect", (0.0, 0.0, 0.5, 0.5)))  # two brushes for /brush/order to order
+    eng.update(brush=(1, "rect", (0.5, 0.5, 0.5, 0.5)))
     for address, args in sends.items():
         builder = OscMessageBuilder(address)
         for a in args:
@@ -92,3 +94,4 @@ def test_every_engine_address_is_accepted_by_the_engine(tiny_components) -> None
         eng(frame)
     assert eng.params.t_index_list == (10, 30) and eng.params.similarity_max_skip == 4
     assert eng.params.seed_blend == ((1, 0.5), (2, 0.5))
+    assert eng.regions.order == (1, 0)

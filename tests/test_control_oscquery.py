@@ -96,7 +96,8 @@ def test_tree_has_every_parameter_with_types_ranges_and_values(node) -> None:
     assert "demo" in vj1["CONTENTS"]["preset"]["RANGE"][0]["VALS"]
     assert vj1["CONTENTS"]["status"]["ACCESS"] == 2
     brushes = vj1["CONTENTS"]["brush"]["CONTENTS"]
-    assert set(brushes) == {"0", "1"}  # max_brushes=2
+    assert set(brushes) == {"0", "1", "order"}  # max_brushes=2, and /brush/order beside them
+    assert brushes["order"]["TYPE"].startswith("i")
     assert brushes["1"]["CONTENTS"]["rect"]["TYPE"] == "ffff"
     assert brushes["1"]["CONTENTS"]["strength"]["RANGE"] == [{"MIN": 0.0, "MAX": 1.0}]
 
