@@ -998,9 +998,13 @@ class Node:
 
     def summary(self) -> str:
         st = self.status()
+        if not self._t_streaming:
+            # Never streamed (a model that would not load, a stop during start-up): a frame rate
+            # of 0 over the start-up time would read as a slow node, not a failed start.
+            return f"no frames out: {st['error']}" if st["error"] else f"no frames out (stopped while {st['state']})"
         # Output rate over the streaming time: model loading and the one-off stream fill are
         # start-up, reported on their own line, not a frame rate.
-        since = self._t_streaming or self._t_start
+        since = self._t_streaming
         elapsed = max(1e-9, time.monotonic() - since)
         return (
             f"{st['frames_out']} frames out in {elapsed:.1f} s of streaming ({st['frames_out'] / elapsed:.1f} fps), "

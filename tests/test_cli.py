@@ -54,3 +54,14 @@ def test_demo_writes_a_playable_video_and_prints_fps_and_latency(tmp_path: Path)
     cap.release()
     assert len(frames) >= 2
     assert frames[0].shape == (256, 256, 3)
+
+
+def test_a_hub_model_that_is_not_here_fails_with_one_actionable_line(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [*STREAMNODE, "run", "--preset", "sd-turbo", "--source", "test://bars", "--sink", "null://", "--no-osc"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("streamnode: no frames out:") and "--model tiny" in last, last
