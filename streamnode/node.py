@@ -275,6 +275,56 @@ class _SinkSlot:
 # -- the node ------------------------------------------------------------------------------
 
 
+class _GroupPresenter:
+    """Live mode with `frame_buffer_size` F > 1: spreads the F results of one engine call over
+    the time until the next call, instead of handing them to the sinks' latest-wins mailboxes
+    back to back (where a sink would see only the last of each group).
+
+    The engine thread `submit()`s a group (copied into the back buffer, so the engine may reuse
+    its arrays); the presenter thread shows frame k of the front group at
+    t_group + k·period/F, period being the smoothed time between groups. A newer group
+    replaces what is left of an older one: live output shows the present.
+    """
+
+    def __init__(self, frames: int, height: int, width: int,
+                 fan_out: Callable[[np.ndarray, list[tuple[int, int]]], None]) -> None:
+        self._buffers = [np.zeros((frames, height, width, 3), np.uint8) for _ in range(2)]
+        self._front = 0
+        self._tags: list[tuple[int, int]] = []
+        self._next = 0  # index in the front group of the next frame to show
+        self._t_group = 0.0
+        self._period = 0.0
+        self._fan_out = fan_out
+        self._cond = threading.Condition()
+
+    def submit(self, out: np.ndarray, tags: list[tuple[int, int]]) -> None:
+        with self._cond:
+            back = 1 - self._front
+            np.copyto(self._buffers[back], out)
+            now = time.monotonic()
+            if self._t_group:
+                gap = now - self._t_group
+                self._period = gap if not self._period else 0.8 * self._period + 0.2 * gap
+            self._t_group = now
+            self._front, self._tags, self._next = back, list(tags), 0
+            self._cond.notify()
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            with self._cond:
+                if self._next >= len(self._tags):
+                    self._cond.wait(TICK_S)
+                    continue
+                k = self._next
+                wait = self._t_group + k * self._period / len(self._tags) - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(min(wait, TICK_S))  # woken early by a newer group
+                    continue
+                self._next += 1
+                # Under the lock: the engine cannot swap buffers mid-copy. Live mailboxes never wait.
+                self._fan_out(self._buffers[self._front][k], [self._tags[k]])
+
+
 class Node:
     """One running node. `run()` blocks until done; or `start()`, then `stop()` from anywhere.
 
@@ -308,6 +358,10 @@ class Node:
         self._engine_stop = threading.Event()
         self._engine_ready = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._presenter = (
+            _GroupPresenter(s.frame_buffer_size, s.height, s.width, self._fan_out)
+            if s.frame_buffer_size > 1 and not self.no_drop and not self.txt2img else None
+        )
         self._osc: Any = None
         self._started = False
         self._stopped = False
@@ -343,6 +397,8 @@ class Node:
             self._close_transports()
             raise
         self._spawn("engine", self._engine_worker, self._engine_stop)
+        if self._presenter is not None:
+            self._spawn("present", self._presenter.run, self._engine_stop)
         if self._source is not None:
             self._spawn("capture", self._capture_worker, self._capture_stop)
         for slot in self._sinks:
@@ -439,7 +495,7 @@ class Node:
         for thread in self._threads:
             # The engine finishes the frame it is on (it cannot be interrupted); the sinks then
             # need only moments to send what they hold.
-            if thread.name in ("capture", "engine"):
+            if thread.name in ("capture", "engine", "present"):
                 thread.join(left(0.2))
         for slot in self._sinks:
             slot.mailbox.close()  # the engine does this too when it exits normally
@@ -642,7 +698,10 @@ class Node:
             if discard:
                 discard -= 1
                 continue
-            self._fan_out(out, history[0])
+            if self._presenter is not None:
+                self._presenter.submit(out, history[0])
+            else:
+                self._fan_out(out, history[0])
             if self._reached_max():
                 return
         if self.no_drop and last is not None and not stop.is_set():

@@ -446,3 +446,35 @@ def test_sources_command_lists_devices_without_touching_the_network(
     out = capsys.readouterr().out
     assert "ndi://HOST (Cam)" in out and "webcam://0  Integrated Camera" in out
     assert seen == [(("127.0.0.1",), 0.1)]
+
+
+def test_live_frame_buffer_groups_are_spread_over_the_call_period() -> None:
+    """F = 2 in live mode: both results of a call reach the sink, half a call period apart,
+    instead of the second overwriting the first in the latest-wins mailbox."""
+    calls: list[float] = []
+
+    class SlowBatched(PassThroughEngine):
+        def __call__(self, image: np.ndarray) -> np.ndarray:
+            time.sleep(0.05)
+            calls.append(time.monotonic())
+            return super().__call__(image)
+
+    cfg = config(**{"stream.frame_buffer_size": 2, "source.uri": "test://moving", "source.fps": 120})
+    node = Node(cfg, engine_factory=lambda c: SlowBatched(SIZE, SIZE))
+    arrivals: list[float] = []
+    with node:
+        sink = CaptureSink.instances["capture://a"]
+        wait_for(lambda: len(calls) >= 3, what="engine calls")
+        seen = len(sink.frames)
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            if len(sink.frames) != seen:
+                seen = len(sink.frames)
+                arrivals.append(time.monotonic())
+            time.sleep(0.001)
+        n_calls = sum(1 for t in calls if t >= deadline - 1.5)
+    assert n_calls >= 10
+    assert len(arrivals) >= 1.6 * n_calls, (len(arrivals), n_calls)  # ~both frames of every call
+    gaps = sorted(b - a for a, b in zip(arrivals[:-1], arrivals[1:], strict=True))
+    period = 1.5 / n_calls
+    assert gaps[len(gaps) // 4] > 0.25 * period, (gaps[:5], period)  # spread out, not back to back
