@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pythonosc.osc_message import OscMessage
+
 
 def wait_for(check: Callable[[], Any], timeout: float = 5.0, what: str = "", step: float = 0.01) -> Any:
     """Poll `check` until it returns something truthy, and return that; fail after `timeout` s."""
@@ -28,6 +30,21 @@ def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_osc(sock: socket.socket, accept: Callable[[OscMessage], bool], timeout: float) -> OscMessage | None:
+    """Read OSC messages arriving on `sock` until `accept` takes one; None after `timeout` s."""
+    sock.settimeout(0.05)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            data, _ = sock.recvfrom(65536)
+        except TimeoutError:
+            continue
+        msg = OscMessage(data)
+        if accept(msg):
+            return msg
+    return None
 
 
 def load_script(path: Path, name: str) -> types.ModuleType:

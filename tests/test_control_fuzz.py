@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
+from support import wait_osc
 
 from streamnode.config import BrushConfig, OscConfig, StreamConfig
 from streamnode.control.osc import ADDRESSES, OscServer
@@ -59,18 +59,8 @@ class UdpRig:
         marker = OscMessageBuilder("/prompt")
         marker.add_arg(token, "s")
         self.send(marker.build().dgram)
-        deadline = time.monotonic() + 5
-        self.sock.settimeout(0.05)
-        while time.monotonic() < deadline:
-            try:
-                data, _ = self.sock.recvfrom(65536)
-            except TimeoutError:
-                continue
-            msg = OscMessage(data)
-            if msg.address == "/streamnode/applied/prompt" and msg.params == [token]:
-                break
-        else:
-            raise AssertionError("the server stopped applying values")
+        echo = wait_osc(self.sock, lambda m: m.address == "/streamnode/applied/prompt" and m.params == [token], 5)
+        assert echo is not None, "the server stopped applying values"
         assert all(t.is_alive() for t in self.server._threads)
         deadline = time.monotonic() + 2
         while self.frames <= frames + 5 and time.monotonic() < deadline:

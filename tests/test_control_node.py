@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
+from support import wait_osc
 
 from streamnode.config import build_config
 from streamnode.frames import Frame
@@ -68,17 +68,9 @@ class Surface:
         self.sock.sendto(builder.build().dgram, ("127.0.0.1", self.node_port))
 
     def wait_for(self, address: str, params: list[Any] | None = None, timeout: float = 10.0) -> list[Any]:
-        self.sock.settimeout(0.05)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                data, _ = self.sock.recvfrom(65536)
-            except TimeoutError:
-                continue
-            msg = OscMessage(data)
-            if msg.address == address and (params is None or msg.params == params):
-                return msg.params
-        raise AssertionError(f"no {address} {params or ''} within {timeout} s")
+        msg = wait_osc(self.sock, lambda m: m.address == address and (params is None or m.params == params), timeout)
+        assert msg is not None, f"no {address} {params or ''} within {timeout} s"
+        return msg.params
 
 
 def wait_until(predicate: Any, timeout: float = 60.0, what: str = "") -> None:

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 import urllib.error
 import urllib.request
 from typing import Any
 
 import pytest
-from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
+from support import wait_osc
 
 from streamnode.config import OscConfig
 from streamnode.control.osc import OscServer
@@ -29,17 +28,9 @@ def send(sock: socket.socket, port: int, address: str, *args: Any) -> None:
 
 
 def wait_echo(sock: socket.socket, address: str, timeout: float = 3.0) -> list[Any]:
-    sock.settimeout(0.05)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            data, _ = sock.recvfrom(65536)
-        except TimeoutError:
-            continue
-        msg = OscMessage(data)
-        if msg.address == address:
-            return msg.params
-    raise AssertionError(f"no {address}")
+    msg = wait_osc(sock, lambda m: m.address == address, timeout)
+    assert msg is not None, f"no {address}"
+    return msg.params
 
 
 def get(port: int, path: str) -> tuple[int, Any]:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
+from support import wait_osc
 
 from streamnode.config import BrushConfig, ConfigError, build_config, load_config
 from streamnode.diffusion.stream import StreamEngine
@@ -133,18 +134,13 @@ def send(sock: socket.socket, port: int, address: str, *args: Any) -> None:
 
 
 def wait_applied(sock: socket.socket, address: str) -> list[Any]:
-    sock.settimeout(0.05)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            data, _ = sock.recvfrom(65536)
-        except TimeoutError:
-            continue
-        msg = OscMessage(data)
-        if msg.address == "/streamnode/applied" + address:
-            return msg.params
+    def accept(msg: OscMessage) -> bool:
         assert msg.address != "/streamnode/error", msg.params
-    raise AssertionError(f"no applied echo for {address}")
+        return msg.address == "/streamnode/applied" + address
+
+    msg = wait_osc(sock, accept, 20)
+    assert msg is not None, f"no applied echo for {address}"
+    return msg.params
 
 
 # -- OSC brush addresses, end to end ----------------------------------------------------------
