@@ -131,28 +131,21 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    """Engine-only frames/s on the preset's model and settings, printed as JSON."""
+    """Engine-only frames/s on the preset's model and settings (built, accelerated and prepared
+    exactly as `streamnode run` builds it), printed as JSON."""
     import numpy as np
 
     from streamnode.config import ConfigError, load_config
     from streamnode.diffusion.models import ModelLoadError
+    from streamnode.node import build_engine
 
     try:
         cfg = load_config(preset=args.preset, sets=args.sets)
-        from streamnode.diffusion.stream import StreamEngine
-
-        s, m = cfg.stream, cfg.model
-        eng = StreamEngine.from_pretrained(
-            m.id, t_index_list=s.t_index_list, width=s.width, height=s.height,
-            frame_buffer_size=s.frame_buffer_size, cfg_type=s.cfg_type, device=m.device,
-            dtype=m.dtype, use_tiny_vae=m.use_tiny_vae, tiny_vae=m.tiny_vae, lcm_lora=m.lcm_lora, seed=s.seed,
-            cpu_threads=m.cpu_threads,
-        )
+        eng = build_engine(cfg)
     except (ConfigError, ModelLoadError) as e:
         print(f"streamnode bench: {e}", file=sys.stderr)
         return EXIT_USAGE
-    eng.prepare(prompt=s.prompt, negative_prompt=s.negative_prompt, guidance_scale=s.guidance_scale,
-                delta=s.delta)
+    s, m = cfg.stream, cfg.model
     eng.update(similarity_threshold=0.0)  # time every frame, never a skip
     rng = np.random.default_rng(0)
     shape = (s.frame_buffer_size, s.height, s.width, 3) if s.frame_buffer_size > 1 else (s.height, s.width, 3)

@@ -65,3 +65,13 @@ def test_a_hub_model_that_is_not_here_fails_with_one_actionable_line(tmp_path: P
     assert "Traceback" not in out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("streamnode: no frames out:") and "--model tiny" in last, last
+
+
+def test_bench_times_the_preset_as_the_node_builds_it(tmp_path: Path) -> None:
+    import json
+
+    out = subprocess.run([*STREAMNODE, "bench", "--preset", "demo", "--frames", "3", "--warmup", "1"],
+                         capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["preset"] == "demo" and result["size"] == [256, 256] and result["fps"] > 0
