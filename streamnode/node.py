@@ -360,7 +360,7 @@ class Node:
         self._threads: list[threading.Thread] = []
         self._presenter = (
             _GroupPresenter(s.frame_buffer_size, s.height, s.width, self._fan_out)
-            if s.frame_buffer_size > 1 and not self.no_drop and not self.txt2img else None
+            if s.frame_buffer_size > 1 and not self.no_drop else None
         )
         self._osc: Any = None
         self._started = False
@@ -728,7 +728,11 @@ class Node:
             out = self._call(self._engine, None)
             if out is not None:
                 rows = out.shape[0] if out.ndim == 4 else 1
-                self._fan_out(out, [(seq + i + 1, t_capture) for i in range(rows)])
+                tags = [(seq + i + 1, t_capture) for i in range(rows)]
+                if self._presenter is not None and rows > 1:
+                    self._presenter.submit(out, tags)
+                else:
+                    self._fan_out(out, tags)
                 seq += rows
                 if self._reached_max():
                     return

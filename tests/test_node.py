@@ -478,3 +478,22 @@ def test_live_frame_buffer_groups_are_spread_over_the_call_period() -> None:
     gaps = sorted(b - a for a, b in zip(arrivals[:-1], arrivals[1:], strict=True))
     period = 1.5 / n_calls
     assert gaps[len(gaps) // 4] > 0.25 * period, (gaps[:5], period)  # spread out, not back to back
+
+
+def test_txt2img_frame_buffer_groups_reach_the_sink_whole() -> None:
+    class Pairs(PassThroughEngine):
+        calls = 0
+
+        def txt2img(self) -> np.ndarray:
+            Pairs.calls += 1
+            out = np.zeros((2, SIZE, SIZE, 3), np.uint8)
+            out[0], out[1] = 10, 200  # first and second frame of every group
+            return out
+
+    cfg = config(**{"stream.mode": "txt2img", "stream.frame_buffer_size": 2, "source.fps": 10})
+    node = Node(cfg, engine_factory=lambda c: Pairs(SIZE, SIZE))
+    with node:
+        sink = CaptureSink.instances["capture://a"]
+        wait_for(lambda: Pairs.calls >= 10, timeout=10, what="ten txt2img calls")
+    levels = [level for _, level in sink.frames]
+    assert levels.count(10) >= 7 and levels.count(200) >= 7, levels  # both halves, not only the last
