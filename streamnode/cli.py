@@ -184,11 +184,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = _chosen_command(sys.argv[1:] if argv is None else argv)
 
-    _add_lazy(sub, chosen, "run", "run the node (source -> engine -> sinks)", "streamnode.node",
+    _add_lazy(sub, chosen, "run", "run the node (source -> engine -> sinks)", "streamnode.commands.run",
               "add_run_arguments", "run_command")
     # `demo` is `run --preset demo`: every run flag works (e.g. `streamnode demo --duration 3`).
     _add_lazy(sub, chosen, "demo", "test pattern -> tiny model -> out/demo.mp4; prints fps and latency",
-              "streamnode.node", "add_run_arguments", "run_command")
+              "streamnode.commands.run", "add_run_arguments", "run_command")
     if chosen == "demo":
         sub.choices["demo"].set_defaults(preset="demo")
     bench = sub.add_parser("bench", help="time the engine on a preset's model; prints JSON")
@@ -197,7 +197,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sub.add_parser("doctor", help="what this machine can do, with install hints").set_defaults(
         func=doctor_command
     )
-    _add_lazy(sub, chosen, "sources", "list NDI sources, capture devices and Spout senders", "streamnode.node",
+    _add_lazy(sub, chosen, "sources", "list NDI sources, capture devices and Spout senders", "streamnode.commands.sources",
               "add_sources_arguments", "sources_command")
     _add_lazy(sub, chosen, "build-engines", "build TensorRT engines ahead of a show", "streamnode.accel.build",
               "add_build_engines_arguments", "build_engines_command")

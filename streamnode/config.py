@@ -15,14 +15,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from streamnode.live_params import MAX_BRUSHES, BrushParams, LiveParams, explain
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
-
-NUM_TRAIN_TIMESTEPS_LCM = 50
-"""t_index values address the LCM schedule of 50 train-spaced steps (DESIGN.md)."""
-
 
 class ConfigError(ValueError):
     """A bad preset, `--set` or flag. The message is one line per problem, naming the fix."""
@@ -88,22 +86,15 @@ class ModelConfig(_Section):
         return self
 
 
-class StreamConfig(_Section):
+class StreamConfig(LiveParams):
+    """What the stream engine is built with (fixed while it runs) plus the live parameters it
+    starts with (live_params.LiveParams: prompt, guidance, t_index_list, seed, …)."""
+
     mode: Literal["img2img", "txt2img"] = "img2img"
     width: int = Field(512, ge=64, le=2048, description="output width, multiple of 8")
     height: int = Field(512, ge=64, le=2048, description="output height, multiple of 8")
-    t_index_list: list[int] = Field(default_factory=lambda: [32, 45], min_length=1, max_length=8)
-    strength: float | None = Field(None, ge=0.0, le=1.0, description="alias for a one-step t_index")
     frame_buffer_size: int = Field(1, ge=1, le=8)
     cfg_type: Literal["none", "full", "self", "initialize"] = "self"
-    prompt: str = Field("", max_length=4096)
-    negative_prompt: str = Field("", max_length=4096)
-    guidance_scale: float = Field(1.2, ge=0.0, le=20.0)
-    delta: float = Field(1.0, ge=0.0, le=5.0)
-    seed: int = Field(2, ge=0, le=2**32 - 1)
-    similarity_threshold: float = Field(0.98, ge=0.0, le=1.0, description="0 disables the filter")
-    similarity_max_skip: int = Field(10, ge=0, le=1000)
-    prompt_transition_frames: int = Field(4, ge=0, le=600)
 
     @field_validator("width", "height")
     @classmethod
@@ -112,14 +103,10 @@ class StreamConfig(_Section):
             raise ValueError(f"must be a multiple of 8 (e.g. {v - v % 8} or {v - v % 8 + 8})")
         return v
 
-    @field_validator("t_index_list")
-    @classmethod
-    def _t_index(cls, v: list[int]) -> list[int]:
-        if any(not 0 <= t < NUM_TRAIN_TIMESTEPS_LCM for t in v):
-            raise ValueError(f"every index must be in 0..{NUM_TRAIN_TIMESTEPS_LCM - 1}")
-        if any(b <= a for a, b in zip(v[:-1], v[1:], strict=True)):
-            raise ValueError("indices must be strictly increasing, e.g. [32, 45]")
-        return v
+    @property
+    def live(self) -> LiveParams:
+        """The live parameters this config starts the engine with."""
+        return LiveParams.model_validate(self.model_dump(include=set(LiveParams.model_fields)))
 
 
 class SourceConfig(_Section):
@@ -196,57 +183,8 @@ class OscConfig(_Section):
         return self
 
 
-class BrushConfig(_Section):
-    """One regional prompt ("semantic brush"); docs/regions.md. Its mask comes from exactly one of
-    `mask`, `rect`, `circle` or `shm` (none: the brush paints nothing until a mask arrives)."""
-
-    prompt: str = Field("", max_length=4096)
-    negative_prompt: str = Field("", max_length=4096, description="empty: the global negative prompt")
-    mask: str | None = Field(None, description="PNG path (white or opaque = inside), or None for a shape")
-    rect: tuple[float, float, float, float] | None = Field(
-        None, description="x y w h, normalised 0..1, (x, y) the top-left corner, y down"
-    )
-    circle: tuple[float, float, float] | None = Field(
-        None, description="x y r, normalised 0..1; r is a fraction of the shorter frame side"
-    )
-    shm: str | None = Field(
-        None, description="shm://NAME mask channel (docs/shm-format.md); plane = the brush's number, or ?plane=K"
-    )
-    mask_strength: float = Field(1.0, ge=0.0, le=1.0)
-    mask_blur: float = Field(0.0, ge=0.0, le=256.0, description="std in pixels")
-    prompt_strength: float = Field(0.95, ge=0.0, le=1.0, description="embedding mix: 0 = global prompt, 1 = own")
-    enabled: bool = True
-
-    @field_validator("rect", "circle")
-    @classmethod
-    def _normalised(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
-        if v is not None and any(not 0.0 <= x <= 1.0 for x in v):
-            raise ValueError("coordinates are normalised: every value must be in 0..1")
-        return v
-
-    @field_validator("mask")
-    @classmethod
-    def _png(cls, v: str | None) -> str | None:
-        if v is not None and not v.lower().endswith(".png"):
-            raise ValueError("must be a .png file path (shared-memory masks go in `shm`)")
-        return v
-
-    @field_validator("shm")
-    @classmethod
-    def _shm_uri(cls, v: str | None) -> str | None:
-        if v is not None:
-            name, _, query = v.removeprefix("shm://").partition("?")
-            plane = query.removeprefix("plane=")
-            if not v.startswith("shm://") or not name or (query and not (query.startswith("plane=") and plane.isdigit())):
-                raise ValueError("must be shm://NAME or shm://NAME?plane=K, e.g. shm://sn_masks")
-        return v
-
-    @model_validator(mode="after")
-    def _one_mask_source(self) -> BrushConfig:
-        given = [k for k in ("mask", "rect", "circle", "shm") if getattr(self, k) is not None]
-        if len(given) > 1:
-            raise ValueError(f"give one mask source, not {' and '.join(given)}")
-        return self
+class BrushConfig(BrushParams):
+    """One `[[brushes]]` entry of a preset: a brush's live fields (live_params.BrushParams)."""
 
 
 class RuntimeConfig(_Section):
@@ -256,7 +194,7 @@ class RuntimeConfig(_Section):
     ring_slots: int = Field(4, ge=2, le=64)
     metrics_interval_s: float = Field(5.0, gt=0.0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    max_brushes: int = Field(8, ge=0, le=32)
+    max_brushes: int = Field(8, ge=0, le=MAX_BRUSHES)
     engine: Literal["stream", "passthrough"] = Field(
         "stream", description="stream: the diffusion engine; passthrough: input resized to the output (tests, benchmarks)"
     )
@@ -388,21 +326,29 @@ def _merge(base: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def _field_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The config field an error is about: its location without the item index inside a list
+    (stream.t_index_list.0 → stream.t_index_list; brushes.0.prompt stays)."""
+    path = list(loc)
+    while path and isinstance(path[-1], int):
+        path.pop()
+    return tuple(path)
+
+
 def _describe(err: dict[str, Any], data: dict[str, Any]) -> str:
-    loc = [str(p) for p in err["loc"]]
-    key = ".".join(loc) or "(top level)"
+    path = _field_path(err["loc"])
+    key = ".".join(str(p) for p in path) or "(top level)"
     value: Any = data
-    for part in err["loc"]:
+    for part in path:
         try:
             value = value[part]
         except (KeyError, IndexError, TypeError):
             value = None
             break
-    msg = str(err["msg"]).removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        section = ".".join(loc[:-1])
+        section = ".".join(str(p) for p in path[:-1])
         model = NodeConfig
-        for part in loc[:-1]:
+        for part in path[:-1]:
             field = model.model_fields.get(part)
             ann = getattr(field, "annotation", None)
             model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
@@ -410,16 +356,18 @@ def _describe(err: dict[str, Any], data: dict[str, Any]) -> str:
                 break
         allowed = ", ".join(model.model_fields) if model else "see `streamnode run --help`"
         return f"config: unknown key {key!r}; keys allowed in {section or 'the top level'}: {allowed}"
-    if err["type"] == "literal_error":
-        return f"config: {key} = {value!r} is not allowed: {msg}"
-    return f"config: {key} = {value!r} is not valid: {msg}"
+    return f"config: {key} = {value!r} is not valid: {explain(err, NodeConfig)}"
 
 
 def build_config(data: dict[str, Any]) -> NodeConfig:
     try:
         return NodeConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError("\n".join(_describe(err, data) for err in e.errors())) from None
+        # One line per field: pydantic's follow-up complaints about the same field are dropped.
+        lines: dict[tuple[Any, ...], str] = {}
+        for err in e.errors():
+            lines.setdefault(_field_path(err["loc"]), _describe(err, data))
+        raise ConfigError("\n".join(lines.values())) from None
 
 
 def load_config(

@@ -58,3 +58,98 @@ def load_script(path: Path, name: str) -> types.ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+# -- a real node on the tiny model, and an OSC surface on loopback ---------------------------
+
+SMALL = 64
+
+
+def small_config(**overrides: Any):  # noqa: ANN201 - NodeConfig, imported lazily
+    """A node at 64×64 on a 30 fps test pattern: the tiny model, one step, cfg none, no
+    similarity filter and no prompt transition (a change shows on the very next frame)."""
+    from streamnode.config import load_config
+
+    values: dict[str, Any] = {
+        "source.uri": "test://moving?fps=30", "sinks": ["null://"], "stream.width": SMALL, "stream.height": SMALL,
+        "stream.t_index_list": [35], "stream.cfg_type": "none", "stream.similarity_threshold": 0.0,
+        "stream.prompt_transition_frames": 0, "osc.enabled": False, "runtime.metrics_interval_s": 60.0,
+    }
+    values.update(overrides)
+    return load_config(overrides=values)
+
+
+def tiny_factory(components: Any) -> Callable[[Any], Any]:
+    """The node's own engine builder: for `--model tiny` on the already loaded tiny components
+    (no reload per test), for any other model (a switch) a real load."""
+    from streamnode.node import build_engine
+
+    return lambda config: build_engine(config, components=components if config.model.id == "tiny" else None)
+
+
+def message(address: str, *args: Any, types: str | None = None) -> bytes:
+    from pythonosc.osc_message_builder import OscMessageBuilder
+
+    builder = OscMessageBuilder(address=address)
+    for i, value in enumerate(args):
+        builder.add_arg(value, types[i] if types else None)
+    return builder.build().dgram
+
+
+class Surface:
+    """A control surface on loopback: sends from the port the node replies to."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.port = self.sock.getsockname()[1]
+        self.node: tuple[str, int] | None = None
+        self.inbox: list[tuple[str, list[Any]]] = []
+
+    def send(self, address: str, *args: Any, types: str | None = None) -> None:
+        self.send_raw(message(address, *args, types=types))
+
+    def send_raw(self, data: bytes) -> None:
+        assert self.node is not None
+        self.sock.sendto(data, self.node)
+
+    def collect(self, seconds: float) -> list[tuple[str, list[Any]]]:
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self._recv(left)
+        return self.inbox
+
+    def _recv(self, timeout: float) -> None:
+        self.sock.settimeout(max(timeout, 0.001))
+        try:
+            data, _ = self.sock.recvfrom(65536)
+        except TimeoutError:
+            return
+        msg = OscMessage(data)
+        self.inbox.append((msg.address, msg.params))
+
+    def wait_for(self, address: str, timeout: float = 5.0, where: Any = None) -> list[Any]:
+        """Params of the first reply at `address` (consumed from the inbox)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, (addr, params) in enumerate(self.inbox):
+                if addr == address and (where is None or where(params)):
+                    del self.inbox[i]
+                    return params
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {address} within {timeout} s; got {self.inbox[-10:]}")
+            self._recv(min(left, 0.05))
+
+    def errors(self, seconds: float = 0.3) -> list[str]:
+        self.collect(seconds)
+        found = [p[0] for a, p in self.inbox if a.endswith("/streamnode/error") and p and p[0]]
+        self.inbox = [(a, p) for a, p in self.inbox if not a.endswith("/streamnode/error")]
+        return found
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def applied_addr(address: str, prefix: str = "") -> str:
+    return f"{prefix}/streamnode/applied{address}"

@@ -44,7 +44,7 @@ def test_set_overrides_and_short_flag_overrides() -> None:
         sets=["stream.guidance_scale=1.4", "stream.t_index_list=[20, 40]", "runtime.no_drop=false"],
     )
     assert cfg.stream.guidance_scale == 1.4
-    assert cfg.stream.t_index_list == [20, 40]
+    assert cfg.stream.t_index_list == (20, 40)
     assert cfg.stream.prompt == "a cat"
     assert cfg.source.uri == "test://bars"
     assert cfg.runtime.no_drop is False
@@ -60,8 +60,8 @@ def test_set_after_flags_wins() -> None:
     [
         ("stream.guidance_scale=banana", ["stream.guidance_scale", "banana", "number"]),
         ("stream.guidance_scale=nan", ["stream.guidance_scale", "finite"]),
-        ("stream.guidance_scale=99", ["stream.guidance_scale", "99", "less than or equal to 20"]),
-        ("stream.cfg_type=double", ["stream.cfg_type", "double", "'self'"]),
+        ("stream.guidance_scale=99", ["stream.guidance_scale", "99", "0..20"]),
+        ("stream.cfg_type=double", ["stream.cfg_type", "double", "none, full, self, initialize"]),
         ("stream.width=500", ["stream.width", "500", "multiple of 8", "496 or 504"]),
         ("stream.t_index_list=[45, 32]", ["stream.t_index_list", "strictly increasing"]),
         ("stream.t_index_list=[50]", ["stream.t_index_list", "0..49"]),

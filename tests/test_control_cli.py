@@ -6,43 +6,27 @@ import argparse
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
-from support import free_udp_port
+from support import free_udp_port, small_config, tiny_factory, wait_for
 
-from streamnode.config import OscConfig
-from streamnode.control.osc import OscServer
 from streamnode.control.osc_cli import add_osc_arguments, osc_command, typed_args
-from streamnode.control.updates import ControlQueue
+from streamnode.node import Node
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def node():
-    """A server replying to a free port (the CLI's --reply-port) and an engine thread."""
+def node(components):  # noqa: ANN001, ANN201
+    """A real node (the tiny model) whose OSC server replies to a free port (the CLI's --reply-port)."""
     reply_port = free_udp_port()
-    queue = ControlQueue()
-    server = OscServer(OscConfig(port=0, reply_port=reply_port), queue)
-    server.start()
-    applied: dict[str, Any] = {}
-    stop = threading.Event()
-
-    def engine(stop: threading.Event) -> None:
-        while not stop.wait(0.005):
-            for u in queue.drain():
-                applied[u.key] = u.value
-                queue.applied(u)
-
-    t = threading.Thread(target=engine, args=(stop,), name="cli-test-engine", daemon=True)
-    t.start()
-    yield server, applied, reply_port
-    stop.set()
-    t.join(2)
-    server.stop()
+    running = Node(small_config(**{"osc.enabled": True, "osc.port": 0, "osc.reply_port": reply_port}),
+                   engine_factory=tiny_factory(components))
+    running.start()
+    wait_for(lambda: running.status()["state"] == "streaming", timeout=30, what="streaming")
+    yield running, reply_port
+    running.stop()
 
 
 def run_cli(argv: list[str]) -> int:
@@ -62,31 +46,32 @@ def test_typed_args() -> None:
 
 
 def test_prompt_from_the_command_line_as_a_user_types_it(node) -> None:
-    server, applied, reply_port = node
+    running, reply_port = node
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
-        [sys.executable, "-m", "streamnode.control.osc_cli", "/prompt", "a cat", "--port", str(server.port),
+        [sys.executable, "-m", "streamnode.control.osc_cli", "/prompt", "a cat", "--port", str(running.osc_port),
          "--wait-reply", "1", "--reply-port", str(reply_port)],
         capture_output=True, text=True, timeout=30, env=env,
     )
     assert out.returncode == 0, out.stderr
     assert "/streamnode/applied/prompt 'a cat'" in out.stdout
-    assert applied["prompt"] == "a cat"
+    assert running.live().params.prompt == "a cat"
 
 
 def test_numbers_negative_numbers_and_forced_types(node, capsys) -> None:
-    server, applied, reply_port = node
-    port = ["--port", str(server.port), "--reply-port", str(reply_port), "--wait-reply", "0.5"]
+    running, reply_port = node
+    port = ["--port", str(running.osc_port), "--reply-port", str(reply_port), "--wait-reply", "1"]
+    params = lambda: running.live().params  # noqa: E731
     assert run_cli(["/t_index", "20", "35", "45", *port]) == 0
-    assert applied["t_index_list"] == [20, 35, 45]
+    assert params().t_index_list == (20, 35, 45)
     assert run_cli(["--types", "s", "/prompt", "42", *port]) == 0
-    assert applied["prompt"] == "42"
+    assert params().prompt == "42"
     assert run_cli([*port, "/negative_prompt", "--", "-dark"]) == 0
-    assert applied["negative_prompt"] == "-dark"
+    assert params().negative_prompt == "-dark"
     capsys.readouterr()
     assert run_cli(["/guidance", "-1", *port]) == 1  # a negative number is an argument, not a flag
     assert "/streamnode/error '/guidance: -1.0 is out of range 0..20'" in capsys.readouterr().out
-    assert run_cli(["/guidance", "2", "--port", str(server.port)]) == 0  # fire and forget
+    assert run_cli(["/guidance", "2", "--port", str(running.osc_port)]) == 0  # fire and forget
 
 
 def test_bad_input_and_no_reply(capsys) -> None:

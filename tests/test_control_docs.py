@@ -1,11 +1,12 @@
-"""docs/osc.md matches the address table, and the table matches the config schema."""
+"""docs/osc.md matches the address table, and the table matches the live-parameter schema."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from streamnode.config import BrushConfig, OscConfig, StreamConfig
+from streamnode.config import OscConfig
 from streamnode.control.osc import ADDRESSES, OUT_ADDRESSES, markdown_table
+from streamnode.live_params import BRUSH_ORDER_OSC, TRIGGERS, BrushParams, LiveParams, NodeParams
 
 DOC = (Path(__file__).resolve().parent.parent / "docs" / "osc.md").read_text(encoding="utf-8")
 
@@ -27,19 +28,20 @@ def test_docs_list_every_output_address_and_every_osc_setting() -> None:
             assert f"`osc.{field}`" in DOC, field
 
 
-def test_table_ranges_come_from_the_config_schema() -> None:
+def test_table_ranges_come_from_the_live_parameter_schema() -> None:
     by_address = {p.address: p for p in ADDRESSES}
-    for address, field in [("/guidance", "guidance_scale"), ("/delta", "delta"), ("/strength", "strength"),
-                           ("/seed", "seed"), ("/similarity", "similarity_threshold"),
-                           ("/similarity/max_skip", "similarity_max_skip"),
-                           ("/prompt/transition", "prompt_transition_frames")]:
-        arg = by_address[address].args[0]
-        meta = {type(m).__name__: m for m in StreamConfig.model_fields[field].metadata}
-        assert (arg.min, arg.max) == (meta["Ge"].ge, meta["Le"].le), address
-        assert by_address[address].key == field
-    assert by_address["/prompt"].args[0].max_len == StreamConfig.model_fields["prompt"].metadata[0].max_length
+    for model, key in ((LiveParams, None), (NodeParams, None), (BrushParams, "brush")):
+        for name, info in model.model_fields.items():
+            address = info.json_schema_extra["osc"]
+            param = by_address[address]
+            assert param.key == (key or name) and param.description == info.description, address
+            if key:
+                assert param.field == name
+            meta = {type(m).__name__: m for m in info.metadata}
+            if "Ge" in meta and len(param.args) == 1:
+                assert (param.args[0].min, param.args[0].max) == (meta["Ge"].ge, meta["Le"].le), address
+    assert by_address["/prompt"].args[0].max_len == LiveParams.model_fields["prompt"].metadata[0].max_length
     assert by_address["/t_index"].repeat == (1, 8)
-    assert by_address["/brush/N/blur"].args[0].max == BrushConfig.model_fields["mask_blur"].metadata[1].le
-    for p in ADDRESSES:  # brush fields are BrushConfig fields (what the regions code reads)
-        if p.is_brush and p.field != "clear":
-            assert p.field in BrushConfig.model_fields, p.address
+    assert {p.address for p in ADDRESSES} == {
+        *(i.json_schema_extra["osc"] for m in (LiveParams, NodeParams, BrushParams) for i in m.model_fields.values()),
+        *(t.address for t in TRIGGERS), BRUSH_ORDER_OSC["osc"]}

@@ -1,36 +1,30 @@
 """OSC server over real UDP on 127.0.0.1: every address, coercion, dedupe, triggers, prefix,
 allow-list, rejections, bundles, heartbeat and status replies.
 
-A small in-test "engine" thread drains the ControlQueue between "frames" and applies into a
-dict, exactly as the node does, so what a surface sees (the applied echo) and what the engine
-uses (the dict) can both be checked.
+The server runs inside a real node with the real engine on the tiny model, so what a surface
+sees (the applied echo) is checked against what the engine really uses (its live state).
 """
 
 from __future__ import annotations
 
-import socket
 import struct
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import pytest
-from pythonosc.osc_message import OscMessage
-from pythonosc.osc_message_builder import OscMessageBuilder
+from support import Surface, applied_addr, message, small_config, tiny_factory, wait_for
 
-from streamnode.config import OscConfig, StreamConfig
-from streamnode.control.osc import ADDRESSES, OscServer, OscStartError, lookup
+from streamnode.config import OscConfig
+from streamnode.control.osc import ADDRESSES, OscServer, OscStartError, lookup, value_at
 from streamnode.control.updates import ControlQueue, Update
+from streamnode.live_params import LiveParams, LiveState
+from streamnode.node import Node
 
 # -- harness ------------------------------------------------------------------------------
-
-
-def message(address: str, *args: Any, types: str | None = None) -> bytes:
-    builder = OscMessageBuilder(address=address)
-    for i, value in enumerate(args):
-        builder.add_arg(value, types[i] if types else None)
-    return builder.build().dgram
 
 
 def bundle(*elements: bytes) -> bytes:
@@ -40,189 +34,106 @@ def bundle(*elements: bytes) -> bytes:
     return out
 
 
-class Surface:
-    """A control surface on loopback: sends from the port the node replies to."""
-
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
-        self.port = self.sock.getsockname()[1]
-        self.node: tuple[str, int] | None = None
-        self.inbox: list[tuple[str, list[Any]]] = []
-
-    def send(self, address: str, *args: Any, types: str | None = None) -> None:
-        self.send_raw(message(address, *args, types=types))
-
-    def send_raw(self, data: bytes) -> None:
-        assert self.node is not None
-        self.sock.sendto(data, self.node)
-
-    def collect(self, seconds: float) -> list[tuple[str, list[Any]]]:
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            self._recv(left)
-        return self.inbox
-
-    def _recv(self, timeout: float) -> None:
-        self.sock.settimeout(max(timeout, 0.001))
-        try:
-            data, _ = self.sock.recvfrom(65536)
-        except TimeoutError:
-            return
-        msg = OscMessage(data)
-        self.inbox.append((msg.address, msg.params))
-
-    def wait_for(self, address: str, timeout: float = 3.0, where: Any = None) -> list[Any]:
-        """Params of the first reply at `address` (consumed from the inbox)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for i, (addr, params) in enumerate(self.inbox):
-                if addr == address and (where is None or where(params)):
-                    del self.inbox[i]
-                    return params
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no {address} within {timeout} s; got {self.inbox[-10:]}")
-            self._recv(min(left, 0.05))
-
-    def errors(self, seconds: float = 0.3) -> list[str]:
-        self.collect(seconds)
-        found = [p[0] for a, p in self.inbox if a.endswith("/streamnode/error") and p and p[0]]
-        self.inbox = [(a, p) for a, p in self.inbox if not a.endswith("/streamnode/error")]
-        return found
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class FakeEngine:
-    """Drains the queue between 'frames' (every 5 ms) and applies into `params`, like the node."""
-
-    def __init__(self, queue: ControlQueue) -> None:
-        defaults = StreamConfig()
-        self.queue = queue
-        self.params: dict[str, Any] = {
-            "prompt": defaults.prompt, "guidance_scale": defaults.guidance_scale, "seed": defaults.seed,
-            "t_index_list": list(defaults.t_index_list),
-        }
-        self.node: dict[str, Any] = {"pause": False, "bypass": False}
-        self.brushes: dict[int, dict[str, Any]] = {}
-        self.applied: list[Update] = []
-        self.frames = 0
-        self.max_gap = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(self._stop,), name="fake-engine", daemon=True)
-        self._thread.start()
-
-    def _run(self, stop: threading.Event) -> None:
-        last = time.monotonic()
-        while not stop.wait(0.005):
-            for u in self.queue.drain():
-                if u.key == "brush":
-                    n, field, value = u.value
-                    if field == "clear":
-                        self.brushes.pop(n, None)
-                    else:
-                        self.brushes.setdefault(n, {})[field] = value
-                elif u.key in ("pause", "bypass", "preset", "model"):
-                    self.node[u.key] = u.value
-                else:
-                    self.params[u.key] = u.value
-                self.applied.append(u)
-                self.queue.applied(u)
-            now = time.monotonic()
-            self.max_gap = max(self.max_gap, now - last)
-            last = now
-            self.frames += 1
-
-    def status(self) -> dict[str, Any]:
-        return {"state": "streaming", "fps_in": 30.0, "fps_out": 29.5, "engine_ms": 12.0,
-                "latency_ms_p50": 40.0, "latency_ms_p95": 55.0, "dropped": 3, "skipped": 7,
-                "frames_out": self.frames, "error": "", "params": dict(self.params)}
-
-    def wait_applied(self, key: str, timeout: float = 3.0) -> Update:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for u in self.applied:
-                if u.key == key:
-                    return u
-            time.sleep(0.005)
-        raise AssertionError(f"{key} not applied; applied: {self.applied}")
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-
-
 class Rig:
-    def __init__(self, surface_host: str = "127.0.0.1", **osc: Any) -> None:
+    """A real node (the tiny model at 64×64) with its OSC server, and a surface on loopback.
+
+    `applied` lists the updates the node reported applied, `failed` the ones it refused, both
+    from the node's own report (ControlQueue.on_report), not from a copy of its loop."""
+
+    def __init__(self, components: Any, surface_host: str = "127.0.0.1", **osc: Any) -> None:
         self.surface = Surface(surface_host)
-        self.queue = ControlQueue()
-        self.engine = FakeEngine(self.queue)
-        self.config = OscConfig(port=0, reply_port=self.surface.port, **osc)
-        self.server = OscServer(self.config, self.queue, self.engine.status)
-        self.server.start()
-        self.surface.node = ("127.0.0.1", self.server.port)
+        overrides = {"osc.enabled": True, "osc.port": 0, "osc.reply_port": self.surface.port}
+        overrides.update({f"osc.{k}": v for k, v in osc.items()})
+        self.node = Node(small_config(**overrides), engine_factory=tiny_factory(components))
+        self.applied: list[Update] = []
+        self.failed: list[tuple[Update, str]] = []
+        self.node.queue.on_report(self._report)
+        self.node.start()
+        wait_for(lambda: self.node.status()["state"] == "streaming", timeout=30, what="the node streaming")
+        self.server = self.node._osc
+        self.queue = self.node.queue
+        self.surface.node = ("127.0.0.1", self.node.osc_port)
+
+    def _report(self, update: Update, error: str | None) -> None:
+        if error is None:
+            self.applied.append(update)
+        else:
+            self.failed.append((update, error))
+
+    def live(self) -> LiveState:
+        return self.node.live()
+
+    def value(self, address: str) -> Any:
+        found = lookup(address, 8)
+        assert found is not None
+        return value_at(self.live(), *found)
+
+    def wait_applied(self, key: str, timeout: float = 5.0) -> Update:
+        return wait_for(lambda: next((u for u in self.applied if u.key == key), None), timeout, f"{key} applied")
 
     def close(self) -> None:
-        self.server.stop()
-        self.engine.close()
+        self.node.stop()
         self.surface.close()
 
 
 @pytest.fixture
-def rig():
-    r = Rig()
+def rig(components):  # noqa: ANN001, ANN201
+    r = Rig(components)
     yield r
     r.close()
 
 
-def applied_addr(address: str, prefix: str = "") -> str:
-    return f"{prefix}/streamnode/applied{address}"
+def plain(value: Any) -> Any:
+    """Tuples → lists, all the way down (the live state holds tuples; OSC sends lists)."""
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
 
 
 # -- each address changes what the engine uses --------------------------------------------
 
 CASES = [
-    # address, args, engine key, expected engine value, expected echo params
-    ("/prompt", ["a cat"], "prompt", "a cat", ["a cat"]),
-    ("/negative_prompt", ["blurry"], "negative_prompt", "blurry", ["blurry"]),
-    ("/prompt/blend", ["a cat", 0.25, "a dog", 0.75], "prompt_blend", [("a cat", 0.25), ("a dog", 0.75)],
+    # address, args, expected value in force, expected echo params
+    ("/prompt", ["a cat"], "a cat", ["a cat"]),
+    ("/negative_prompt", ["blurry"], "blurry", ["blurry"]),
+    ("/prompt_blend", ["a cat", 0.25, "a dog", 0.75], [["a cat", 0.25], ["a dog", 0.75]],
      ["a cat", 0.25, "a dog", 0.75]),
-    ("/prompt/transition", [12.0], "prompt_transition_frames", 12, [12]),
-    ("/guidance", [3.5], "guidance_scale", 3.5, [3.5]),
-    ("/delta", [0.5], "delta", 0.5, [0.5]),
-    ("/strength", [0.6], "strength", 0.6, [pytest.approx(0.6)]),
-    ("/t_index", [20, 35, 45], "t_index_list", [20, 35, 45], [20, 35, 45]),
-    ("/seed", [1234], "seed", 1234, [1234]),
-    ("/seed/blend", [1, 0.5, 7, 0.5], "seed_blend", [(1, 0.5), (7, 0.5)], [1, 0.5, 7, 0.5]),
-    ("/similarity", [0.9], "similarity_threshold", 0.9, [pytest.approx(0.9)]),
-    ("/similarity/max_skip", [3], "similarity_max_skip", 3, [3]),
-    ("/pause", [1], "pause", True, [1]),
-    ("/bypass", [1.0], "bypass", True, [1]),
-    ("/preset", ["demo"], "preset", "demo", ["demo"]),
-    ("/brush/order", [2, 0, 1], "brush_order", [2, 0, 1], [2, 0, 1]),
+    ("/blend_method", ["slerp"], "slerp", ["slerp"]),
+    ("/prompt_transition", [12.0], 12, [12]),
+    ("/guidance", [3.5], 3.5, [3.5]),
+    ("/delta", [0.5], 0.5, [0.5]),
+    ("/strength", [0.6], 0.6, [pytest.approx(0.6)]),
+    ("/t_index", [20, 35, 45], [20, 35, 45], [20, 35, 45]),
+    ("/seed", [1234], 1234, [1234]),
+    ("/seed_blend", [1, 0.5, 7, 0.5], [[1, 0.5], [7, 0.5]], [1, 0.5, 7, 0.5]),
+    ("/similarity", [0.9], 0.9, [pytest.approx(0.9)]),
+    ("/similarity_max_skip", [3], 3, [3]),
+    ("/pause", [1], True, [1]),
+    ("/bypass", [1.0], True, [1]),
+    ("/preset", ["demo"], "demo", ["demo"]),
 ]
 
 
-@pytest.mark.parametrize(("address", "args", "key", "value", "echo"), CASES, ids=[c[0] for c in CASES])
-def test_address_reaches_engine_and_is_echoed(rig: Rig, address, args, key, value, echo) -> None:
+@pytest.mark.parametrize(("address", "args", "value", "echo"), CASES, ids=[c[0] for c in CASES])
+def test_address_reaches_engine_and_is_echoed(rig: Rig, address, args, value, echo) -> None:
     rig.surface.send(address, *args)
     assert rig.surface.wait_for(applied_addr(address)) == echo
-    u = rig.engine.wait_applied(key)
-    assert u.value == value and u.origin == address
-    got = rig.engine.node[key] if key in rig.engine.node else rig.engine.params[key]
-    assert got == value
+    (param, _) = lookup(address, 8)
+    u = rig.wait_applied(param.key)
+    assert u.origin == address
+    assert plain(rig.value(address)) == (pytest.approx(value) if isinstance(value, float) else value)
 
 
 def test_every_input_address_is_covered_by_a_case() -> None:
-    covered = {c[0] for c in CASES} | {"/status", "/model"}
+    covered = {c[0] for c in CASES} | {"/status", "/model", "/brush/order"}
     assert {p.address for p in ADDRESSES if not p.is_brush} == covered
 
 
-def test_brush_addresses_make_brush_updates(rig: Rig, tmp_path: Path) -> None:
+def test_brush_addresses_paint_the_engine_s_brushes(rig: Rig, tmp_path: Path) -> None:
     png = tmp_path / "mask.png"
-    png.write_bytes(b"\x89PNG\r\n\x1a\n")  # only the path is checked here; the regions code decodes it
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:32] = 255
+    cv2.imwrite(str(png), mask)
     sends = [
         ("/brush/2/prompt", ["a red hat"], "prompt", "a red hat"),
         ("/brush/2/negative_prompt", ["blue"], "negative_prompt", "blue"),
@@ -235,43 +146,59 @@ def test_brush_addresses_make_brush_updates(rig: Rig, tmp_path: Path) -> None:
         ("/brush/2/mask", [str(png)], "mask", str(png)),
         ("/brush/2/shm", ["shm://masks?plane=1"], "shm", "shm://masks?plane=1"),
     ]
-    for address, args, _, _ in sends:
+    for address, args, field, value in sends:
         rig.surface.send(address, *args)
-        rig.surface.wait_for(applied_addr(address))
-    brush = rig.engine.brushes[2]
-    for _, _, field, value in sends:
-        assert brush[field] == pytest.approx(value) if not isinstance(value, str) else brush[field] == value
+        # Creating the brush echoes all its fields: wait for the one just sent.
+        expected = args if isinstance(args[0], str) else pytest.approx(args)
+        rig.surface.wait_for(applied_addr(address), where=lambda p, e=expected: p == e)
+        got = getattr(rig.live().brushes[2].params, field)
+        assert got == (pytest.approx(value) if not isinstance(value, str) else value), address
     rig.surface.send("/brush/2/clear")
     rig.surface.wait_for(applied_addr("/brush/2/clear"))
-    assert 2 not in rig.engine.brushes
-    # N beyond max_brushes (8), a non-PNG mask, and a missing file are rejected.
+    assert 2 not in rig.live().brushes
+    # N beyond max_brushes (8), a missing file, a non-PNG mask, a channel that is no shm:// URI,
+    # an order naming a brush twice, an order of brushes that do not exist.
     rig.surface.send("/brush/8/prompt", "x")
     rig.surface.send("/brush/0/mask", str(tmp_path / "nope.png"))
     rig.surface.send("/brush/0/mask", "/etc/passwd")
-    rig.surface.send("/brush/0/shm", "masks")  # a channel is a shm:// URI
-    rig.surface.send("/brush/order", 1, 0, 1)  # each brush once
-    errors = rig.surface.errors()
-    assert len(errors) == 5
+    rig.surface.send("/brush/0/shm", "masks")
+    rig.surface.send("/brush/order", 1, 0, 1)
+    rig.surface.send("/brush/order", 1, 0)
+    errors = rig.surface.errors(1.0)
+    assert len(errors) == 6, errors
     assert "unknown address" in errors[0] and "/brush/0 to /brush/7" in errors[0]
-    assert "not an existing .png" in errors[1]
+    assert "not an existing .png" in errors[1] and "not an existing .png" in errors[2]
+    assert "shm://NAME" in errors[3]
+    assert "each brush once" in errors[4]
+    assert "brush_order" in errors[5]  # the engine's refusal, reported back
+
+
+def test_the_brush_order_reaches_the_engine(rig: Rig) -> None:
+    for n in (0, 1, 2):
+        rig.surface.send(f"/brush/{n}/rect", 0.1 * n, 0.0, 0.5, 0.5)
+        rig.surface.wait_for(applied_addr(f"/brush/{n}/rect"))
+    rig.surface.send("/brush/order", 2, 0, 1)
+    rig.surface.wait_for(applied_addr("/brush/order"), where=lambda p: p == [2, 0, 1])
+    assert rig.live().brush_order == (2, 0, 1)
+    assert rig.node.engine.regions.order == (2, 0, 1)
 
 
 def test_numbers_coerce_between_int_and_float(rig: Rig) -> None:
     rig.surface.send("/guidance", 3, types="i")  # an int where a float is declared
-    rig.surface.send("/similarity/max_skip", 5.0, types="f")  # a CHOP float where an int is declared
+    rig.surface.send("/similarity_max_skip", 5.0, types="f")  # a CHOP float where an int is declared
     rig.surface.send("/seed", 3_000_000_000, types="h")  # int64 above the int32 range
     rig.surface.send("/pause", True, types="T")
     assert rig.surface.wait_for(applied_addr("/guidance")) == [3.0]
-    assert rig.surface.wait_for(applied_addr("/similarity/max_skip")) == [5]
+    assert rig.surface.wait_for(applied_addr("/similarity_max_skip")) == [5]
     assert rig.surface.wait_for(applied_addr("/seed")) == [3_000_000_000]
     rig.surface.wait_for(applied_addr("/pause"))
-    assert rig.engine.params["guidance_scale"] == 3.0 and isinstance(rig.engine.params["guidance_scale"], float)
-    assert rig.engine.params["seed"] == 3_000_000_000
-    assert rig.engine.node["pause"] is True
+    params = rig.live().params
+    assert params.guidance_scale == 3.0 and isinstance(params.guidance_scale, float)
+    assert params.seed == 3_000_000_000 and rig.live().node.pause is True
     # A 32-bit float 1.3 arrives as 1.2999999523; the engine gets the 1.3 that was meant.
     rig.surface.send("/guidance", 1.3)
     rig.surface.wait_for(applied_addr("/guidance"))
-    assert rig.engine.params["guidance_scale"] == 1.3
+    assert rig.live().params.guidance_scale == 1.3
 
 
 # -- dedupe and triggers ------------------------------------------------------------------
@@ -284,20 +211,28 @@ def test_repeated_values_are_dropped_before_the_queue(rig: Rig) -> None:
     rig.surface.send("/delta", 0.7)  # a marker: when it is applied, the 200 have been handled
     rig.surface.wait_for(applied_addr("/delta"))
     time.sleep(0.05)
-    assert [u.value for u in rig.engine.applied if u.key == "guidance_scale"] == [2.0]
+    assert [u.value for u in rig.applied if u.key == "guidance_scale"] == [2.0]
     assert rig.server.stats()["deduped"] == 200
     rig.surface.send("/guidance", 2.5)  # a new value goes through
     rig.surface.wait_for(applied_addr("/guidance"), where=lambda p: p == [2.5])
 
 
-def test_dedupe_memory_is_forgotten_when_the_value_changes_by_another_route(rig: Rig) -> None:
+def test_a_value_equal_to_the_one_in_force_is_a_repeat(rig: Rig) -> None:
+    default = LiveParams().delta
+    rig.surface.send("/delta", default)  # what the engine already uses: nothing to do
+    rig.surface.send("/seed", 5)
+    rig.surface.wait_for(applied_addr("/seed"))
+    assert [u.key for u in rig.applied] == ["seed"]
+
+
+def test_dedupe_follows_the_value_in_force_whoever_changed_it(rig: Rig) -> None:
     rig.surface.send("/prompt", "a cat")
     rig.surface.wait_for(applied_addr("/prompt"))
-    rig.queue.put(Update("prompt", "a dog", origin="cli"))  # e.g. the node's own CLI or a preset
+    rig.queue.put(Update("prompt", "a dog", origin="cli"))  # e.g. the CLI, a preset, a model switch
     rig.surface.wait_for(applied_addr("/prompt"), where=lambda p: p == ["a dog"])
     rig.surface.send("/prompt", "a cat")  # equal to the last OSC value, but not to the engine's
     rig.surface.wait_for(applied_addr("/prompt"), where=lambda p: p == ["a cat"])
-    assert rig.engine.params["prompt"] == "a cat"
+    assert rig.live().params.prompt == "a cat"
 
 
 def test_a_repeated_preset_applies_once_until_something_else_changes(rig: Rig) -> None:
@@ -307,21 +242,24 @@ def test_a_repeated_preset_applies_once_until_something_else_changes(rig: Rig) -
     rig.surface.wait_for(applied_addr("/preset"))
     for _ in range(5):  # an OSC Out DAT repeating it
         rig.surface.send("/preset", "demo")
-    rig.surface.send("/guidance", 3.0)  # the preset may have changed guidance: goes through again
-    rig.surface.wait_for(applied_addr("/guidance"))
+    rig.surface.send("/guidance", 3.0)  # the preset changed guidance: goes through again
+    rig.surface.wait_for(applied_addr("/guidance"), where=lambda p: p == [3.0])
+    assert rig.live().node.preset == ""  # no longer the preset's look
     rig.surface.send("/preset", "demo")  # after touching something else: re-applies
     rig.surface.wait_for(applied_addr("/preset"))
-    assert [u.key for u in rig.engine.applied] == ["guidance_scale", "preset", "guidance_scale", "preset"]
+    assert [u.key for u in rig.applied] == ["guidance_scale", "preset", "guidance_scale", "preset"]
 
 
-def test_prompt_and_blend_share_the_prompt(rig: Rig) -> None:
+def test_prompt_and_blend_replace_each_other(rig: Rig) -> None:
     rig.surface.send("/prompt", "a cat")
     rig.surface.wait_for(applied_addr("/prompt"))
-    rig.surface.send("/prompt/blend", "a dog", 1.0)
-    rig.surface.wait_for(applied_addr("/prompt/blend"))
+    rig.surface.send("/prompt_blend", "a dog", 1.0)
+    rig.surface.wait_for(applied_addr("/prompt_blend"))
+    assert rig.live().params.prompt is None  # the blend is in force
     rig.surface.send("/prompt", "a cat")  # back to the cat: must not be taken for a repeat
     rig.surface.wait_for(applied_addr("/prompt"))
-    assert [u.key for u in rig.engine.applied] == ["prompt", "prompt_blend", "prompt"]
+    assert [u.key for u in rig.applied] == ["prompt", "prompt_blend", "prompt"]
+    assert rig.live().params.prompt_blend is None
 
 
 def test_status_fires_on_the_rising_edge_only(rig: Rig) -> None:
@@ -350,28 +288,35 @@ def test_brush_clear_is_a_rising_edge_trigger(rig: Rig) -> None:
     for level in (1, 1, 1):
         rig.surface.send("/brush/1/clear", level)
     rig.surface.wait_for(applied_addr("/brush/1/clear"))
+    rig.surface.send("/brush/1/prompt", "hat")  # the same prompt again: a new brush, not a repeat
+    rig.surface.wait_for(applied_addr("/brush/1/prompt"))
     for level in (0, 0, 1, 1):
         rig.surface.send("/brush/1/clear", level)
     rig.surface.wait_for(applied_addr("/brush/1/clear"))
     rig.surface.send("/delta", 0.3)
     rig.surface.wait_for(applied_addr("/delta"))
-    assert [u.value for u in rig.engine.applied if u.key == "brush" and u.value[1] == "clear"] == [
+    assert [u.value for u in rig.applied if u.key == "brush" and u.value[1] == "clear"] == [
         (1, "clear", None), (1, "clear", None)]
-    assert rig.server.stats()["accepted"] == 4  # prompt, two clears, delta
+    assert rig.server.stats()["accepted"] == 5  # prompt, clear, prompt, clear, delta
 
 
 def test_status_reply_has_state_counters_and_values(rig: Rig) -> None:
     rig.surface.send("/guidance", 4.0)
     rig.surface.wait_for(applied_addr("/guidance"))
+    rig.surface.send("/brush/7/rect", 0.0, 0.0, 0.5, 0.5)
+    rig.surface.wait_for(applied_addr("/brush/7/rect"))
+    rig.surface.inbox.clear()
     rig.surface.send("/status")
     assert rig.surface.wait_for("/streamnode/state") == ["streaming"]
-    assert rig.surface.wait_for("/streamnode/fps") == [29.5]
-    assert rig.surface.wait_for("/streamnode/latency_ms") == [40.0]
-    assert rig.surface.wait_for("/streamnode/dropped") == [3]
-    assert rig.surface.wait_for("/streamnode/skipped") == [7]
+    (fps,) = rig.surface.wait_for("/streamnode/fps")
+    assert fps > 0
+    assert len(rig.surface.wait_for("/streamnode/latency_ms")) == 1
+    assert rig.surface.wait_for("/streamnode/dropped")[0] >= 0
+    assert rig.surface.wait_for("/streamnode/skipped") == [0]
     assert rig.surface.wait_for(applied_addr("/guidance")) == [4.0]
-    assert rig.surface.wait_for(applied_addr("/t_index")) == [32, 45]
+    assert rig.surface.wait_for(applied_addr("/t_index")) == [35]
     assert rig.surface.wait_for(applied_addr("/brush/7/prompt_strength")) == [pytest.approx(0.95)]
+    assert rig.surface.wait_for(applied_addr("/brush/7/rect")) == [0.0, 0.0, 0.5, 0.5]
 
 
 # -- heartbeat and state ------------------------------------------------------------------
@@ -420,18 +365,18 @@ def test_status_function_errors_do_not_stop_the_heartbeat() -> None:
 # -- prefix and allow-list ----------------------------------------------------------------
 
 
-def test_prefix_lets_nodes_share_a_surface() -> None:
-    rig = Rig(prefix="/vj1")
+def test_prefix_lets_nodes_share_a_surface(components) -> None:  # noqa: ANN001
+    rig = Rig(components, prefix="/vj1")
     try:
         rig.surface.send("/vj1/guidance", 5.0)
         assert rig.surface.wait_for(applied_addr("/guidance", "/vj1")) == [5.0]
-        assert rig.engine.params["guidance_scale"] == 5.0
+        assert rig.live().params.guidance_scale == 5.0
         rig.surface.send("/vj2/guidance", 6.0)  # another node's: ignored quietly
         rig.surface.send("/guidance", 7.0)  # unprefixed: not ours either
         rig.surface.send("/vj1/nope", 1.0)
         errors = rig.surface.errors()
         assert len(errors) == 1 and errors[0].startswith("/vj1/nope: unknown address")
-        assert rig.engine.params["guidance_scale"] == 5.0
+        assert rig.live().params.guidance_scale == 5.0
         assert rig.server.stats()["foreign"] == 2
         rig.surface.send("/vj1/status")
         assert rig.surface.wait_for("/vj1/streamnode/state") == ["streaming"]
@@ -441,17 +386,17 @@ def test_prefix_lets_nodes_share_a_surface() -> None:
         rig.close()
 
 
-def test_allow_list_drops_and_counts_other_senders() -> None:
-    rig = Rig(allow=["127.0.0.2/32"])  # the surface sends from 127.0.0.1: not allowed
+def test_allow_list_drops_and_counts_other_senders(components) -> None:  # noqa: ANN001
+    rig = Rig(components, allow=["127.0.0.2/32"])  # the surface sends from 127.0.0.1: not allowed
     try:
         rig.surface.send("/guidance", 5.0)
         rig.surface.send("/nope")
         assert rig.surface.collect(0.3) == []  # no reply at all, not even an error
-        assert rig.engine.params["guidance_scale"] == StreamConfig().guidance_scale
+        assert rig.live().params.guidance_scale == LiveParams().guidance_scale
         assert rig.server.stats()["denied"] == 2
     finally:
         rig.close()
-    rig = Rig(surface_host="127.0.0.2", allow=["127.0.0.2/32"])  # an allowed sender
+    rig = Rig(components, surface_host="127.0.0.2", allow=["127.0.0.2/32"])  # an allowed sender
     try:
         rig.surface.send("/guidance", 5.0)
         assert rig.surface.wait_for(applied_addr("/guidance")) == [5.0]
@@ -476,12 +421,13 @@ BAD = [
     (message("/guidance", float("nan")), "/guidance: nan is not a finite number"),
     (message("/delta", float("inf")), "/delta: inf is not a finite number"),
     (message("/seed", -1), "/seed: -1 is out of range"),
-    (message("/t_index", 45, 32), "/t_index: 45 32 must be strictly increasing"),
+    (message("/t_index", 45, 32), "/t_index: t_index_list = [45, 32] is not valid: indices must be strictly increasing"),
     (message("/t_index", 1, 2, 3, 4, 5, 6, 7, 8, 9), "/t_index: takes i…"),
     (message("/t_index", 50), "/t_index: 50 is out of range 0..49"),
-    (message("/prompt/blend", "a", 0.5, "b"), "/prompt/blend: takes (s f)…"),
-    (message("/prompt/blend", "a", 0.0), "/prompt/blend: the weights must not all be 0"),
-    (message("/seed/blend", 1, 0.5, "x", 0.5), "/seed/blend: expects a number"),
+    (message("/prompt_blend", "a", 0.5, "b"), "/prompt_blend: takes (s f)…"),
+    (message("/prompt_blend", "a", 0.0), "/prompt_blend: prompt_blend: the weights must not all be 0"),
+    (message("/seed_blend", 1, 0.5, "x", 0.5), "/seed_blend: expects a number"),
+    (message("/blend_method", "cubic"), "/blend_method: 'cubic' is not one of linear, slerp"),
     (message("/prompt", 42), "/prompt: expects a string, got i"),
     (message("/prompt", "x" * 65_000), "/prompt: a string of 65000 chars is too long (at most 4096)"),
     (message("/preset", "../../etc/passwd"), "/preset: '../../etc/passwd' is not a preset name"),
@@ -503,8 +449,8 @@ BAD = [
 
 
 @pytest.fixture(scope="module")
-def shared_rig():
-    r = Rig()
+def shared_rig(components):  # noqa: ANN001, ANN201
+    r = Rig(components)
     yield r
     r.close()
 
@@ -536,12 +482,12 @@ def test_rejections_are_logged_once_per_address_per_interval(rig: Rig, caplog) -
     assert rig.server.stats()["rejected"] == 51
 
 
-def test_model_switch_only_when_allowed() -> None:
-    rig = Rig(allow_model_switch=True)
+def test_model_switch_only_when_allowed(components, tiny_model_path) -> None:  # noqa: ANN001
+    rig = Rig(components, allow_model_switch=True)
     try:
-        rig.surface.send("/model", "tiny")
-        assert rig.surface.wait_for(applied_addr("/model")) == ["tiny"]
-        assert rig.engine.node["model"] == "tiny"
+        rig.surface.send("/model", str(tiny_model_path))  # the tiny model's folder: a real load
+        assert rig.surface.wait_for(applied_addr("/model"), timeout=60) == [str(tiny_model_path)]
+        assert rig.live().node.model == str(tiny_model_path) and rig.node.config.model.id == str(tiny_model_path)
     finally:
         rig.close()
 
@@ -550,7 +496,7 @@ def test_bundles_are_unpacked_recursively(rig: Rig) -> None:
     inner = bundle(message("/delta", 0.25), message("/seed", 9))
     rig.surface.send_raw(bundle(message("/guidance", 6.0), inner, message("/nope", 1)))
     rig.surface.wait_for(applied_addr("/seed"))
-    assert rig.engine.params["guidance_scale"] == 6.0 and rig.engine.params["delta"] == 0.25
+    assert rig.live().params.guidance_scale == 6.0 and rig.live().params.delta == 0.25
     assert len(rig.surface.errors()) == 1  # /nope, once
 
 
@@ -564,34 +510,43 @@ def test_our_own_replies_looped_back_are_ignored(rig: Rig) -> None:
 
 
 def test_a_flood_of_chop_traffic_does_not_stall_frames(rig: Rig) -> None:
-    """~10,000 msgs/s for 1 s (40 channels, mostly unchanged values, some moving): the engine
-    loop keeps its pace and only changed values reach the queue."""
-    channels = [m for m in ("/guidance", "/delta", "/strength", "/similarity")]
-    frames_before = rig.engine.frames
-    rig.engine.max_gap = 0.0
+    """~10,000 msgs/s for 1 s (100 channels, mostly unchanged values, one moving): the engine
+    keeps streaming and only changed values reach the queue."""
+    channels = ["/guidance", "/delta", "/strength", "/similarity"]
+    gaps: list[float] = []
+    done = threading.Event()
+
+    def watch() -> None:  # the longest wait between two output frames while the flood lasts
+        last_count, last_t = rig.node.frames_out, time.monotonic()
+        while not done.wait(0.002):
+            count, now = rig.node.frames_out, time.monotonic()
+            if count != last_count:
+                gaps.append(now - last_t)
+                last_count, last_t = count, now
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    frames_before = rig.node.frames_out
     sent = 0
     t0 = time.monotonic()
     for tick in range(100):  # 100 cooks of 10 ms, 100 datagrams each
-        batch = []
         for ch in range(100):
-            address = channels[ch % len(channels)]
             value = 0.5 if ch else (tick % 10) / 10  # one moving channel, the rest constant
-            batch.append(message(address, value))
-        for data in batch:
-            rig.surface.send_raw(data)
-        sent += len(batch)
+            rig.surface.send_raw(message(channels[ch % len(channels)], value))
+        sent += 100
         sleep = t0 + (tick + 1) * 0.01 - time.monotonic()
         if sleep > 0:
             time.sleep(sleep)
     rig.surface.send("/seed", 77)
     rig.surface.wait_for(applied_addr("/seed"), timeout=5)
-    elapsed = time.monotonic() - t0
+    done.set()
+    watcher.join()
     stats = rig.server.stats()
     assert sent == 10_000
     assert stats["deduped"] + stats["accepted"] >= 0.9 * sent  # the kernel may drop a few under load
     assert stats["accepted"] < 200  # only changes reached the queue
-    assert rig.engine.frames - frames_before > 0.3 * elapsed / 0.005  # frames kept flowing
-    assert rig.engine.max_gap < 0.5  # a stall would be seconds; a loaded CI box is allowed some jitter
+    assert rig.node.frames_out - frames_before > 5  # frames kept flowing
+    assert max(gaps) < 1.0  # a stall would be seconds; a loaded CI box is allowed some jitter
 
 
 # -- lifecycle ----------------------------------------------------------------------------

@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import urllib.error
 import urllib.request
 from typing import Any
 
 import pytest
 from pythonosc.osc_message_builder import OscMessageBuilder
-from support import wait_osc
+from support import small_config, tiny_factory, wait_for, wait_osc
 
-from streamnode.config import OscConfig
-from streamnode.control.osc import OscServer
 from streamnode.control.oscquery import OscQueryServer, build_tree, find_node
-from streamnode.control.updates import ControlQueue
+from streamnode.node import Node
 
 
 def send(sock: socket.socket, port: int, address: str, *args: Any) -> None:
@@ -43,27 +40,17 @@ def get(port: int, path: str) -> tuple[int, Any]:
 
 
 @pytest.fixture
-def node():
-    """An OSC server with OSCQuery, a surface socket, and an engine thread applying updates."""
+def node(components):  # noqa: ANN001, ANN201
+    """A real node (the tiny model, 2 brushes) with OSC and OSCQuery, and a surface socket."""
     surface = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     surface.bind(("127.0.0.1", 0))
-    queue = ControlQueue()
-    server = OscServer(OscConfig(port=0, oscquery_port=0, reply_port=surface.getsockname()[1], prefix="/vj1"),
-                       queue, max_brushes=2)
-    server.start()
-    stop = threading.Event()
-
-    def engine(stop: threading.Event) -> None:
-        while not stop.wait(0.005):
-            for u in queue.drain():
-                queue.applied(u)
-
-    t = threading.Thread(target=engine, args=(stop,), name="oscquery-test-engine", daemon=True)
-    t.start()
-    yield server, surface
-    stop.set()
-    t.join(2)
-    server.stop()
+    running = Node(small_config(**{"osc.enabled": True, "osc.port": 0, "osc.oscquery_port": 0, "osc.prefix": "/vj1",
+                                   "osc.reply_port": surface.getsockname()[1], "runtime.max_brushes": 2}),
+                   engine_factory=tiny_factory(components))
+    running.start()
+    wait_for(lambda: running.status()["state"] == "streaming", timeout=30, what="streaming")
+    yield running._osc, surface
+    running.stop()
     surface.close()
 
 
@@ -79,11 +66,12 @@ def test_tree_has_every_parameter_with_types_ranges_and_values(node) -> None:
     assert guidance["VALUE"] == [1.2]
     assert guidance["ACCESS"] == 3 and guidance["DESCRIPTION"]
     t_index = vj1["CONTENTS"]["t_index"]
-    assert t_index["TYPE"] == "ii" and t_index["VALUE"] == [32, 45]
-    assert t_index["RANGE"] == [{"MIN": 0, "MAX": 49}] * 2
-    prompt = vj1["CONTENTS"]["prompt"]  # a method that is also a container
-    assert prompt["TYPE"] == "s" and set(prompt["CONTENTS"]) == {"blend", "transition"}
-    assert prompt["CONTENTS"]["blend"]["TYPE"] == "sf"
+    assert t_index["TYPE"] == "i" and t_index["VALUE"] == [35]
+    assert t_index["RANGE"] == [{"MIN": 0, "MAX": 49}]
+    prompt = vj1["CONTENTS"]["prompt"]  # a method, a leaf; its relatives are siblings
+    assert prompt["TYPE"] == "s" and "CONTENTS" not in prompt
+    assert vj1["CONTENTS"]["prompt_blend"]["TYPE"] == "sf"
+    assert vj1["CONTENTS"]["blend_method"]["RANGE"] == [{"VALS": ["linear", "slerp"]}]
     assert "demo" in vj1["CONTENTS"]["preset"]["RANGE"][0]["VALS"]
     assert vj1["CONTENTS"]["status"]["ACCESS"] == 2
     brushes = vj1["CONTENTS"]["brush"]["CONTENTS"]

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamnode.diffusion.prompts import PromptCache, blend_embeddings, check_weights, slerp
-from streamnode.diffusion.schedule import LcmSchedule, strength_to_t_index, t_index_to_strength
+from streamnode.diffusion.schedule import LcmSchedule
+from streamnode.live_params import strength_to_t_index, t_index_to_strength
 
 
 def lcm_scheduler():  # noqa: ANN201

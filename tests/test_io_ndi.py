@@ -118,7 +118,7 @@ def _find(ndi, suffix: str, timeout: float):  # noqa: ANN001, ANN202
 def _scenario(tag: str) -> dict:
     import NDIlib as ndi
 
-    from streamnode.node import list_all_sources
+    from streamnode.commands.sources import list_all_sources
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     addrs = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout

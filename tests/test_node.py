@@ -1,5 +1,6 @@
-"""The node in one process: control updates between frames, status, a vanished source, a failing
-sink, --no-drop alignment, --max-frames, txt2img, OSC wiring and the CLI's exit codes."""
+"""The node in one process, on the pass-through engine: control updates between frames, status,
+a vanished source, a failing sink, --no-drop alignment, --max-frames, txt2img, OSC wiring and
+the CLI's exit codes. (The node on the real engine: test_node_live.py.)"""
 
 from __future__ import annotations
 
@@ -13,20 +14,13 @@ import numpy as np
 import pytest
 from support import wait_for
 
-from streamnode.config import load_config
+from streamnode.commands.run import add_run_arguments, config_from_args, run_command
+from streamnode.config import ConfigError, load_config
 from streamnode.control.updates import Update
 from streamnode.frames import Frame
 from streamnode.io import base
 from streamnode.io.base import SourceLost, UriParams
-from streamnode.node import (
-    Node,
-    PassThroughEngine,
-    StartupError,
-    add_run_arguments,
-    config_from_args,
-    run_command,
-    stream_values,
-)
+from streamnode.node import Node, PassThroughEngine, StartupError
 
 SIZE = 64
 
@@ -129,7 +123,7 @@ def config(**overrides: Any):  # noqa: ANN201
 
 
 class RecordingEngine(PassThroughEngine):
-    """Pass-through that records update() calls, rejects a bad guidance, and can invert."""
+    """Pass-through that records the update() calls it accepted, and can invert."""
 
     def __init__(self, width: int, height: int) -> None:
         super().__init__(width, height)
@@ -137,8 +131,6 @@ class RecordingEngine(PassThroughEngine):
         self.invert = False
 
     def update(self, **kwargs: Any) -> None:
-        if kwargs.get("guidance_scale", 0) == 99:
-            raise ValueError("guidance_scale must be ≤ 20")
         super().update(**kwargs)
         self.updates.append(kwargs)
 
@@ -178,7 +170,7 @@ def test_status_has_every_key_the_osc_server_reads(engine_node: tuple[Node, list
 def test_engine_keys_are_applied_between_frames_and_echoed(engine_node: tuple[Node, list]) -> None:
     node, engines = engine_node
     applied: list[Update] = []
-    node.queue.on_applied(applied.append)
+    node.queue.on_report(lambda u, error: error is None and applied.append(u))
     node.queue.put(Update("prompt", "a red fox", "/prompt"))
     node.queue.put(Update("guidance_scale", 1.5, "/guidance_scale"))
     wait_for(lambda: len(applied) == 2, what="two applied updates")
@@ -190,13 +182,15 @@ def test_engine_keys_are_applied_between_frames_and_echoed(engine_node: tuple[No
 def test_a_bad_value_is_reported_and_the_node_keeps_going(engine_node: tuple[Node, list]) -> None:
     node, _ = engine_node
     applied: list[Update] = []
-    node.queue.on_applied(applied.append)
+    failed: list[str] = []
+    node.queue.on_report(lambda u, error: applied.append(u) if error is None else failed.append(error))
     node.queue.put(Update("guidance_scale", 99, "/guidance_scale"))
     node.queue.put(Update("nonsense", 1))
     wait_for(lambda: "nonsense" in node.status()["error"], what="the error in status")
     out = node.frames_out
     wait_for(lambda: node.frames_out > out + 3, what="more frames")
     assert applied == [] and node.status()["params"]["guidance_scale"] == 1.2
+    assert len(failed) == 2 and "0..20" in failed[0] and "nonsense" in failed[1]
     node.queue.put(Update("guidance_scale", 2.0))
     wait_for(lambda: node.status()["params"]["guidance_scale"] == 2.0, what="a good value after a bad one")
 
@@ -217,26 +211,18 @@ def test_pause_holds_the_last_output_and_bypass_skips_the_engine(engine_node: tu
     wait_for(lambda: sink.last is not None and sink.last[0, 0, 0] == 255 - 100, what="inverted output")
     node.queue.put(Update("bypass", True))
     wait_for(lambda: sink.last[0, 0, 0] == 100, what="the input passed through")
-    assert node.status()["params"]["bypass"] is True
+    assert node.status()["bypass"] is True and node.live().node.bypass is True
 
 
 def test_preset_applies_its_live_values(engine_node: tuple[Node, list]) -> None:
     node, engines = engine_node
     node.queue.put(Update("preset", "demo"))
     demo = load_config(preset="demo").stream
-    wait_for(lambda: node.status()["params"]["prompt"] == demo.prompt, what="the preset's prompt")
-    assert engines[0].updates[-1] == stream_values(demo)
+    wait_for(lambda: node.live().node.preset == "demo", what="the preset in force")
+    assert engines[0].live_params().params == demo.live  # every live value, exactly the preset's
     node.queue.put(Update("preset", "no-such-preset"))
     wait_for(lambda: "not found" in node.status()["error"], what="an unknown preset reported")
-
-
-def test_model_switch_builds_a_new_engine_with_the_live_values(engine_node: tuple[Node, list]) -> None:
-    node, engines = engine_node
-    node.queue.put(Update("prompt", "kept across models"))
-    node.queue.put(Update("model", "another/model"))
-    wait_for(lambda: len(engines) == 2 and node.status()["state"] == "streaming", what="the new engine")
-    assert node.config.model.id == "another/model"
-    assert {"prompt": "kept across models"}.items() <= engines[1].params.items()
+    assert node.live().node.preset == "demo"
 
 
 def test_model_switch_is_refused_unless_allowed() -> None:
@@ -370,7 +356,7 @@ def test_short_flags_map_onto_the_config() -> None:
         "--preset", "demo", "--source", "ndi://Cam", "--sink", "null://", "--sink", "shm://x", "--fit", "contain",
         "--width", "128", "--height", "96", "--prompt", "p", "--no-drop", "--once", "--duration", "3",
         "--max-frames", "9", "--ndi-discovery", "10.0.0.5,127.0.0.1", "--engine", "passthrough", "--model", "m",
-        "--accel", "eager", "--device", "cpu", "--osc-port", "0", "--osc-prefix", "/vj1", "--no-osc",
+        "--accel", "eager", "--device", "cpu", "--osc-port", "0", "--osc-prefix", "/vj1",
         "--allow-model-switch", "--log-level", "debug", "--set", "stream.seed=7",
     ))
     assert cfg.source.uri == "ndi://Cam" and cfg.sinks == ["null://", "shm://x"] and cfg.source.fit == "contain"
@@ -378,9 +364,17 @@ def test_short_flags_map_onto_the_config() -> None:
     assert cfg.runtime.no_drop and not cfg.source.loop and cfg.runtime.duration == 3 and cfg.runtime.max_frames == 9
     assert cfg.source.ndi_discovery == ["10.0.0.5", "127.0.0.1"] and cfg.runtime.engine == "passthrough"
     assert (cfg.model.id, cfg.model.accel, cfg.model.device) == ("m", "eager", "cpu")
-    assert cfg.osc.port == 0 and cfg.osc.prefix == "/vj1" and not cfg.osc.enabled and cfg.osc.allow_model_switch
+    # The demo preset turns OSC off; asking for a port turns it on.
+    assert cfg.osc.port == 0 and cfg.osc.prefix == "/vj1" and cfg.osc.enabled and cfg.osc.allow_model_switch
     assert cfg.runtime.log_level == "debug"
     assert config_from_args(parse("--preset", "demo")).sinks == load_config(preset="demo").sinks
+    assert not config_from_args(parse("--preset", "demo")).osc.enabled
+    assert config_from_args(parse("--preset", "demo", "--osc-host", "127.0.0.1")).osc.enabled
+    assert not config_from_args(parse("--no-osc")).osc.enabled
+    with pytest.raises(ConfigError, match="--no-osc with --osc-port"):
+        config_from_args(parse("--no-osc", "--osc-port", "7000"))
+    forever = config_from_args(parse("--preset", "demo", "--forever"))
+    assert forever.runtime.duration is None and forever.runtime.max_frames is None
 
 
 def test_run_command_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
@@ -395,8 +389,9 @@ def test_run_command_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_osc_drives_the_node() -> None:
-    osc = pytest.importorskip("streamnode.control.osc")
     from pythonosc.udp_client import SimpleUDPClient
+
+    from streamnode.control import osc
 
     engines: list[RecordingEngine] = []
 
@@ -434,8 +429,8 @@ def test_frame_buffer_size_batches_frames_per_call() -> None:
 
 def test_sources_command_lists_devices_without_touching_the_network(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from streamnode.commands.sources import add_sources_arguments, sources_command
     from streamnode.io import ndi, webcam
-    from streamnode.node import add_sources_arguments, sources_command
 
     seen: list[tuple] = []
     monkeypatch.setattr(ndi, "list_sources", lambda discovery, wait: seen.append((discovery, wait)) or ["HOST (Cam)"])

@@ -449,7 +449,7 @@ def test_global_prompt_transitions_carry_the_brush_layers_along(components) -> N
         ((8, "prompt", "x"), "use 0..7"),
         ((0, "colour", 1), "unknown brush field"),
         ((0, "shm", "shm://x"), "read by the node"),
-        ((0, "rect", (0, 0, 2, 1)), "normalised"),
+        ((0, "rect", (0, 0, 2, 1)), "0..1"),
         ((0, "mask_blur", -1.0), "mask_blur"),
         ((0, "prompt", 3), "prompt"),
         ((0, {"rect": (0, 0, 1, 1), "circle": (0.5, 0.5, 0.1)}), "one mask source"),
@@ -466,7 +466,7 @@ def test_bad_brush_edits_are_rejected_and_change_nothing(components, edit, words
     encodes, before = engine.stats["text_encodes"], engine.regions.mask(0)
     with pytest.raises(ValueError, match=words):
         engine.update(brush=edit)
-    assert engine.regions.brushes[0].prompt == "flames" and torch.equal(engine.regions.mask(0), before)
+    assert engine.regions.brushes[0].params.prompt == "flames" and torch.equal(engine.regions.mask(0), before)
     assert engine.stats["text_encodes"] == encodes and engine.layers == 2
 
 
@@ -483,10 +483,10 @@ def test_png_array_and_shape_masks_land_on_the_latent_grid(components, tmp_path)
     png = np.zeros((128, 128), np.uint8)  # twice the frame size: stretched over it
     png[:64, :] = 255
     engine.set_brush(0, mask=write_png(tmp_path / "top.png", png))
-    assert engine.regions.brushes[0].mask_source.endswith("top.png")
+    assert engine.regions.brushes[0].params.mask.endswith("top.png")
     assert torch.equal(engine.regions.mask(0), torch.tensor([[1.0] * 8] * 4 + [[0.0] * 8] * 4))
     engine.set_brush(0, rect=(0.5, 0.5, 0.5, 0.5))
-    assert engine.regions.brushes[0].mask_source == "rect 0.5 0.5 0.5 0.5"
+    assert engine.regions.brushes[0].params.rect == (0.5, 0.5, 0.5, 0.5) and engine.regions.brushes[0].params.mask is None
     assert float(engine.regions.mask(0).sum()) == 16 and float(engine.regions.mask(0)[4:, 4:].min()) == 1
     engine.set_brush(0, mask=None)  # no mask: the brush stays but costs nothing
     assert engine.regions.mask(0) is None and engine.layers == 1

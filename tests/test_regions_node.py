@@ -16,16 +16,17 @@ import pytest
 import torch
 from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
-from support import wait_osc
+from support import tiny_factory, wait_osc
 
 from streamnode.config import BrushConfig, ConfigError, build_config, load_config
+from streamnode.control.updates import Update
 from streamnode.diffusion.stream import StreamEngine
 from streamnode.frames import Frame
 from streamnode.io import base
 from streamnode.io.base import TransportError
 from streamnode.io.shm import ShmSink
 from streamnode.io.shm_masks import MaskChannelReader, MaskChannels, MaskChannelWriter, parse_mask_uri
-from streamnode.node import Node
+from streamnode.node import Node, build_engine
 
 SIZE = 64
 
@@ -133,10 +134,10 @@ def send(sock: socket.socket, port: int, address: str, *args: Any) -> None:
     sock.sendto(builder.build().dgram, ("127.0.0.1", port))
 
 
-def wait_applied(sock: socket.socket, address: str) -> list[Any]:
+def wait_applied(sock: socket.socket, address: str, params: list[Any] | None = None) -> list[Any]:
     def accept(msg: OscMessage) -> bool:
         assert msg.address != "/streamnode/error", msg.params
-        return msg.address == "/streamnode/applied" + address
+        return msg.address == "/streamnode/applied" + address and (params is None or msg.params == params)
 
     msg = wait_osc(sock, accept, 20)
     assert msg is not None, f"no applied echo for {address}"
@@ -153,7 +154,7 @@ def test_osc_brush_addresses_paint_regions_of_the_running_node(tiny_model_path, 
     node.start()
     try:
         wait_until(lambda: node.status()["state"] == "streaming", what="streaming")
-        engine: StreamEngine = node._engine
+        engine: StreamEngine = node.engine
         latents = Latents(engine)
         before = latents.after(2)
         port = node.osc_port
@@ -187,7 +188,7 @@ def test_osc_brush_addresses_paint_regions_of_the_running_node(tiny_model_path, 
 
         assert engine.regions.order == (0, 1)
         send(surface, port, "/brush/order", 1, 0)  # brush 0 now covers brush 1 where they overlap
-        wait_applied(surface, "/brush/order")
+        wait_applied(surface, "/brush/order", [1, 0])
         assert engine.regions.order == (1, 0) and engine.regions.active == (1, 0)
 
         send(surface, port, "/brush/0/enabled", 0)
@@ -217,7 +218,7 @@ def test_shm_mask_channel_paints_brushes_of_the_running_node(tiny_model_path) ->
     writer = None
     try:
         wait_until(lambda: node.status()["state"] == "streaming", what="streaming")
-        engine: StreamEngine = node._engine
+        engine: StreamEngine = node.engine
         assert engine.regions.order == (0, 1, 2) and engine.layers == 1  # no planes yet: nothing painted
         latents = Latents(engine)
         before = latents.after(1)
@@ -291,7 +292,7 @@ def test_mask_channels_refuse_frame_segments_and_bad_uris() -> None:
 
 def test_brush_config_is_checked_where_it_enters() -> None:
     assert BrushConfig(shm="shm://m?plane=2").shm == "shm://m?plane=2"
-    for fields, words in [({"rect": (0, 0, 2, 1)}, "normalised"), ({"mask": "m.jpg"}, ".png"),
+    for fields, words in [({"rect": (0, 0, 2, 1)}, "0..1"), ({"mask": "m.jpg"}, ".png"),
                           ({"shm": "m"}, "shm://NAME"), ({"rect": (0, 0, 1, 1), "circle": (0, 0, 1)}, "one mask"),
                           ({"mask_blur": 300}, "256")]:
         with pytest.raises(ConfigError, match=words):
@@ -306,9 +307,10 @@ def test_brushes_demo_preset_runs_with_its_brushes(tiny_model_path) -> None:
         "runtime.max_frames": 3, "runtime.duration": None,
     })
     assert [b.prompt for b in config.brushes] == ["roaring flames", "a stormy ocean", "a blazing sun"]
-    node = Node(config)
+    engines: list[Any] = []
+    node = Node(config, engine_factory=lambda cfg: engines.append(build_engine(cfg)) or engines[-1])
     assert node.run() == 0
-    engine: StreamEngine = node._engine
+    engine: StreamEngine = engines[0]
     assert engine.regions.active == (0, 1, 2) and engine.batch_rows == 2 * 4  # T·(brushes + 1)
     assert node.frames_out == 3 and set(node.status()["brushes"]) == {"0", "1", "2"}
 
@@ -319,25 +321,43 @@ def test_a_brush_that_cannot_be_applied_fails_the_start_with_the_reason(tiny_mod
     assert "brush 0" in node.status()["error"] and "no such file" in node.status()["error"]
 
 
-def test_brushes_survive_a_model_switch(tiny_components, tmp_path) -> None:  # noqa: ANN001
-    def engine() -> StreamEngine:
-        e = StreamEngine.from_components(tiny_components, t_index_list=[32, 45], width=SIZE, height=SIZE,
-                                         cfg_type="none")
-        e.prepare(prompt="a dog")
-        return e
-
-    node = Node(node_config(runtime={"max_brushes": 4}))
-    node._engine = first = engine()
-    node._apply_brush((0, "prompt", "flames"))
-    node._apply_brush((0, "rect", (0.0, 0.0, 0.5, 1.0)))
-    node._apply_brush((0, "circle", (0.5, 0.5, 0.25)))  # replaces the rect
-    node._apply_brush((2, "prompt", "ocean"))
-    node._apply_brush((2, "shm", f"shm://{unique('snsw')}"))
-    node._apply_brush((2, "mask_strength", 0.5))
-    with pytest.raises(ValueError, match="0..3"):
-        node._apply_brush((4, "prompt", "x"))
-    second = engine()
-    node._replay_brushes(second)
-    assert second.regions.brushes == first.regions.brushes and second.regions.order == (0, 2)
-    assert torch.equal(second.regions.mask(0), first.regions.mask(0)) and second.regions.mask(2) is None
-    node._mask_channels.close()
+def test_brushes_survive_a_model_switch(tiny_components, tiny_model_path) -> None:  # noqa: ANN001
+    """Every brush in force, its mask (rect, circle, a plane from shm://) and the cover order
+    reach the new engine: the node replays the engine's own snapshot."""
+    name = unique("snsw")
+    node = Node(node_config(runtime={"max_brushes": 4}, osc={"enabled": False, "allow_model_switch": True}),
+                engine_factory=tiny_factory(tiny_components))
+    writer = MaskChannelWriter(name, 16, 16, channels=3)
+    node.start()
+    try:
+        wait_until(lambda: node.status()["state"] == "streaming", what="streaming")
+        for edit in [(0, "prompt", "flames"), (0, "rect", (0.0, 0.0, 0.5, 1.0)), (0, "circle", (0.5, 0.5, 0.25)),
+                     (2, "prompt", "ocean"), (2, "shm", f"shm://{name}"), (2, "mask_strength", 0.5),
+                     (1, "prompt", "snow"), (1, "rect", (0.5, 0.0, 0.5, 0.5)), (1, "enabled", False)]:
+            node.queue.put(Update("brush", edit))
+            wait_until(lambda e=edit: e[0] in node.live().brushes and getattr(
+                node.live().brushes[e[0]].params, e[1]) == e[2], what=f"{edit}")
+        plane = np.zeros((3, 16, 16), np.uint8)
+        plane[2, 4:12, 4:12] = 255
+        writer.write(plane)
+        wait_until(lambda: node.engine.regions.mask(2) is not None, what="the shm plane")
+        node.queue.put(Update("brush_order", [2, 1, 0]))
+        wait_until(lambda: node.live().brush_order == (2, 1, 0), what="the order")
+        first = node.engine
+        masks = {i: first.regions.mask(i) for i in (0, 1, 2)}
+        node.queue.put(Update("model", str(tiny_model_path), origin="test"))
+        wait_until(lambda: node.engine is not first, timeout=60, what="the switch")
+        second = node.engine
+        assert second.regions.order == (2, 1, 0) and second.regions.active == (2, 0)  # 1 stays disabled
+        for i in (0, 1, 2):
+            assert second.regions.brushes[i].params == first.regions.brushes[i].params
+            assert torch.equal(second.regions.mask(i), masks[i])
+        assert node.live().brushes[2].params.shm == f"shm://{name}"
+        plane[2] = 0
+        plane[2, :4, :4] = 255
+        writer.write(plane)  # the channel keeps feeding the new engine
+        wait_until(lambda: float(second.regions.mask(2)[0, 0]) > 0 and float(second.regions.mask(2)[6, 6]) == 0,
+                   what="the new plane on the new engine")
+    finally:
+        node.stop()
+        writer.close()

@@ -341,6 +341,8 @@ def accelerate(
             continue
         for seam, call in seams.items():
             setattr(engine, seam, call)
+        # The engine's close() releases the backend's engines and sessions with it.
+        engine.on_close(lambda: restore(engine))
         chosen = backend
         break
     if chosen == "eager":

@@ -11,13 +11,16 @@ Three threads, none of which touches the model:
   ever waits on a socket.
 - `oscquery-http` (optional, `oscquery.py`) serves the address tree with live values.
 
-The table is data (`ADDRESSES`) and its ranges are read from the pydantic config fields, so
-the OSC surface, the config file and docs/osc.md cannot drift apart.
+The table (`ADDRESSES`) is derived from the live-parameter schema (live_params.py): every
+address, type, range, default and help text comes from there, so the OSC surface, the config
+file, the engine and docs/osc.md cannot drift apart. The server keeps no copy of the values in
+force: it reads the node's `LiveState` (dedupe, echo, /status, OSCQuery).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import ipaddress
 import logging
@@ -30,31 +33,30 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
 from pythonosc.parsing import osc_types
 
-from streamnode.config import (
-    NUM_TRAIN_TIMESTEPS_LCM,
-    BrushConfig,
-    ConfigError,
-    OscConfig,
-    RuntimeConfig,
-    StreamConfig,
-    find_preset,
-    is_preset_name,
-    list_presets,
-)
+from streamnode.config import ConfigError, OscConfig, RuntimeConfig, find_preset, is_preset_name, list_presets
 from streamnode.control.updates import STATES, ControlQueue, Update
+from streamnode.live_params import (
+    BRUSH_ORDER_OSC,
+    MAX_BRUSHES,
+    TRIGGERS,
+    BrushParams,
+    LiveParams,
+    LiveState,
+    NodeParams,
+    validated,
+)
+from streamnode.log_limit import LogLimiter
 
 logger = logging.getLogger(__name__)
 
-
-MAX_BLEND = 8
-"""Most (prompt, weight) or (seed, weight) pairs one /prompt/blend or /seed/blend takes."""
 
 _SUPPORTED_TAGS = frozenset("ifdhsTFN")
 """Incoming argument types we read; anything else (arrays, blobs, MIDI…) is rejected up front."""
@@ -80,14 +82,6 @@ class OscStartError(RuntimeError):
 # -- the address table ---------------------------------------------------------------------
 
 
-def _meta(model: type[BaseModel], name: str, attr: str) -> Any:
-    """A constraint (`ge`, `le`, `max_length`…) of a config field, from its pydantic metadata."""
-    for item in model.model_fields[name].metadata:
-        if hasattr(item, attr):
-            return getattr(item, attr)
-    raise KeyError(f"{model.__name__}.{name} has no {attr} constraint")
-
-
 def _default(model: type[BaseModel], name: str) -> Any:
     return model.model_fields[name].get_default(call_default_factory=True)
 
@@ -101,8 +95,11 @@ class Arg:
     max: float | None = None
     max_len: int | None = None
     name: str = ""
+    choices: tuple[str, ...] = ()
 
     def range_text(self) -> str:
+        if self.choices:
+            return ", ".join(self.choices)
         if self.tag == "s":
             return f"≤ {self.max_len} chars" if self.max_len is not None else "any"
         return f"{_num(self.min)}..{_num(self.max)}"
@@ -119,10 +116,9 @@ class Param:
     """One OSC address the node listens on.
 
     `args` is one group of arguments; `repeat` says how many groups a message may carry
-    (`/t_index` takes 1..8 ints, `/prompt/blend` 1..8 (string, float) pairs). `key` is the
-    `Update` key; brush addresses (`/brush/N/...`) carry `field`, the `BrushConfig` field.
-    Accepting a value forgets the dedupe memory of the other addresses in its `group`
-    (they set the same engine state, e.g. /prompt and /prompt/blend).
+    (`/t_index` takes 1..8 ints, `/prompt_blend` 1..8 (string, float) pairs). `key` is the
+    `Update` key; brush addresses (`/brush/N/...`) carry `field`, the `BrushParams` field.
+    `schema` is the model whose field validates the value (None: checked by `finish` only).
     """
 
     address: str
@@ -133,9 +129,9 @@ class Param:
     repeat: tuple[int, int] = (1, 1)
     kind: Literal["value", "trigger"] = "value"
     field: str | None = None
-    group: str | None = None
     finish: Callable[[Any], Any] | None = None
     """Extra check/conversion after types and ranges; raises OscReject."""
+    schema: type[BaseModel] | None = None
 
     @property
     def is_brush(self) -> bool:
@@ -209,7 +205,17 @@ class Param:
                 value = values
             else:
                 value = [tuple(values[i : i + width]) for i in range(0, len(values), width)]
-            return self.finish(value) if self.finish else value
+            if self.finish:
+                value = self.finish(value)
+            if self.schema is not None:
+                # The schema's own rules (strictly increasing indices, weights not all 0, one mask
+                # source…), so OSC, presets and the engine refuse exactly the same values.
+                name = self.field or self.key or ""
+                try:
+                    validated(self.schema, {name: value})
+                except ValueError as e:
+                    raise OscReject(str(e)) from None
+            return value
         except OscReject as e:
             raise OscReject(f"{address[:120]}: {e}") from None
 
@@ -266,6 +272,8 @@ def _coerce(arg: Arg, v: Any) -> Any:
             raise OscReject(f"expects a string, got {_type_name(v)} {v!r:.40}")
         if arg.max_len is not None and len(v) > arg.max_len:
             raise OscReject(f"a string of {len(v)} chars is too long (at most {arg.max_len})")
+        if arg.choices and v not in arg.choices:
+            raise OscReject(f"{v[:40]!r} is not one of {', '.join(arg.choices)}")
         return v
     if isinstance(v, bool):
         num: int | float = int(v)
@@ -286,18 +294,6 @@ def _coerce(arg: Arg, v: Any) -> Any:
     return num
 
 
-def _increasing(value: list[int]) -> list[int]:
-    if any(b <= a for a, b in zip(value, value[1:], strict=False)):
-        raise OscReject(f"{' '.join(map(str, value))} must be strictly increasing, e.g. 32 45")
-    return value
-
-
-def _weights(value: list[tuple[Any, float]]) -> list[tuple[Any, float]]:
-    if sum(w for _, w in value) <= 0:
-        raise OscReject("the weights must not all be 0")
-    return value
-
-
 def _preset(name: str) -> str:
     if not is_preset_name(name):
         raise OscReject(f"{name[:64]!r} is not a preset name (letters, digits, - and _; no paths)")
@@ -315,98 +311,99 @@ def _mask_path(path: str) -> str:
     return path
 
 
-def _shm_channel(uri: str) -> str:
-    if not uri.startswith("shm://") or len(uri) <= len("shm://"):
-        raise OscReject(f"{uri[:200]!r} is not a mask channel such as shm://masks or shm://masks?plane=2")
-    return uri
-
-
 def _distinct(value: list[int]) -> list[int]:
     if len(set(value)) != len(value):
         raise OscReject(f"{' '.join(map(str, value))}: name each brush once, bottom first, e.g. 2 0 1")
     return value
 
 
+def _strip(annotation: Any) -> Any:
+    """Optional[X] → X; Annotated[X, ...] stays (its constraints are read by `_arg`)."""
+    args = get_args(annotation)
+    if type(None) in args and len(args) == 2:
+        return next(a for a in args if a is not type(None))
+    return annotation
+
+
+def _constraints(items: list[Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        for c in [item, *getattr(item, "metadata", [])]:
+            for name in ("ge", "le", "max_length", "min_length", "title"):
+                if getattr(c, name, None) is not None:
+                    out[name] = getattr(c, name)
+    return out
+
+
+def _arg(annotation: Any, metadata: list[Any], name: str = "") -> Arg:
+    """One OSC argument from a schema type: its tag, range or length, and name."""
+    annotation = _strip(annotation)
+    if get_origin(annotation) is Annotated:
+        base, *more = get_args(annotation)
+        return _arg(base, [*metadata, *more], name)
+    c = _constraints(metadata)
+    name = name or c.get("title", "")
+    if annotation is bool:
+        return Arg("i", 0, 1, name=name)
+    if annotation is str:
+        return Arg("s", max_len=c.get("max_length"), name=name)
+    if get_origin(annotation) is Literal:
+        return Arg("s", name=name, choices=tuple(str(v) for v in get_args(annotation)))
+    if annotation in (int, float):
+        return Arg("i" if annotation is int else "f", c.get("ge"), c.get("le"), name=name)
+    raise TypeError(f"no OSC argument for the schema type {annotation!r}")
+
+
+def _from_field(model: type[BaseModel], name: str, *, key: str, field: str | None = None) -> Param:
+    """The Param of one schema field: address, arguments, repeat range and help text."""
+    info: FieldInfo = model.model_fields[name]
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    address = str(extra["osc"])
+    annotation = _strip(info.annotation)
+    c = _constraints(list(info.metadata))
+    repeat = (1, 1)
+    finish: Callable[[Any], Any] | None = bool if annotation is bool else None
+    if get_origin(annotation) is tuple:
+        items = get_args(annotation)
+        if len(items) == 2 and items[1] is Ellipsis:  # a list: 1..N values or pairs
+            repeat = (int(c.get("min_length", 1)), int(c["max_length"]))
+            item = _strip(items[0])
+            inner = get_args(get_args(item)[0] if get_origin(item) is Annotated else item)
+            args = tuple(_arg(a, []) for a in inner) if get_origin(item) is tuple else (_arg(item, []),)
+        else:  # a fixed tuple: x y w h
+            names = tuple(extra.get("arg_names", ())) or ("",) * len(items)
+            args = tuple(_arg(a, [], n) for a, n in zip(items, names, strict=True))
+    else:
+        args = (_arg(info.annotation, list(info.metadata)),)
+    default = info.get_default(call_default_factory=True)
+    return Param(address, args, key, info.description or "", default, repeat=repeat, field=field, finish=finish,
+                 schema=model)
+
+
 def _build_addresses() -> list[Param]:
-    S, B = StreamConfig, BrushConfig
-    text = Arg("s", max_len=_meta(S, "prompt", "max_length"))
-
-    def unit(model: type[BaseModel], name: str, tag: Literal["i", "f"] = "f", label: str = "") -> Arg:
-        return Arg(tag, _meta(model, name, "ge"), _meta(model, name, "le"), name=label)
-
-    weight = Arg("f", 0.0, 1.0, name="weight")
-    seed = unit(S, "seed", "i", "seed")
-    t_lo, t_hi = _meta(S, "t_index_list", "min_length"), _meta(S, "t_index_list", "max_length")
-    norm = [Arg("f", 0.0, 1.0, name=n) for n in ("x", "y", "w", "h")]
-    toggle = Arg("i", 0, 1)
-    params = [
-        Param("/prompt", (text,), "prompt", "Positive prompt; blends in over /prompt/transition frames.",
-              _default(S, "prompt"), group="prompt"),
-        Param("/negative_prompt", (text,), "negative_prompt", "Negative prompt (used when cfg_type is full or "
-              "initialize).", _default(S, "negative_prompt")),
-        Param("/prompt/blend", (Arg("s", max_len=text.max_len, name="prompt"), weight), "prompt_blend",
-              "Weighted mix of prompts: prompt weight prompt weight …", None, repeat=(1, MAX_BLEND),
-              group="prompt", finish=_weights),
-        Param("/prompt/transition", (unit(S, "prompt_transition_frames", "i"),), "prompt_transition_frames",
-              "Frames over which a prompt change blends in (0 = at once).", _default(S, "prompt_transition_frames")),
-        Param("/guidance", (unit(S, "guidance_scale"),), "guidance_scale",
-              "Guidance scale g (≤ 1 means no guidance).", _default(S, "guidance_scale")),
-        Param("/delta", (unit(S, "delta"),), "delta", "Residual CFG delta.", _default(S, "delta")),
-        Param("/strength", (unit(S, "strength"),), "strength",
-              "img2img strength; sets a one-step t_index (0 keeps the input, 1 ignores it).",
-              _default(S, "strength"), group="steps"),
-        Param("/t_index", (Arg("i", 0, NUM_TRAIN_TIMESTEPS_LCM - 1),), "t_index_list",
-              "Denoising steps as LCM schedule indices, strictly increasing; refreshes the stream buffer.",
-              _default(S, "t_index_list"), repeat=(t_lo, t_hi), group="steps", finish=_increasing),
-        Param("/seed", (unit(S, "seed", "i"),), "seed",
-              "Noise seed; refreshes the stream buffer. Above 2147483647 send h (int64) or d.",
-              _default(S, "seed"), group="seed"),
-        Param("/seed/blend", (seed, weight), "seed_blend", "Weighted mix of seeds' noises: seed weight …",
-              None, repeat=(1, MAX_BLEND), group="seed", finish=_weights),
-        Param("/similarity", (unit(S, "similarity_threshold"),), "similarity_threshold",
-              "Similarity filter threshold: skip frames this similar to the last one (0 disables).",
-              _default(S, "similarity_threshold")),
-        Param("/similarity/max_skip", (unit(S, "similarity_max_skip", "i"),), "similarity_max_skip",
-              "Most frames skipped in a row by the similarity filter.", _default(S, "similarity_max_skip")),
-        Param("/preset", (Arg("s", max_len=64),), "preset",
-              "Apply the live parameters of a preset by name (a file in the presets folders; no paths).",
-              None, finish=_preset),
-        Param("/pause", (toggle,), "pause", "1 pauses (the sinks keep the last frame), 0 resumes. A state, "
-              "not a toggle.", False, finish=bool),
-        Param("/bypass", (toggle,), "bypass", "1 passes the input straight through, 0 diffuses again.",
-              False, finish=bool),
-        Param("/status", (), None, "Ask for a full status reply (state, counters, every current value).",
-              kind="trigger"),
-        Param("/model", (Arg("s", max_len=4096),), "model", "Load another model (hub id, folder, .safetensors, "
-              "tiny). Rejected unless the node runs with --allow-model-switch.", None),
-        # Regional prompts ("semantic brushes"): N in 0..max_brushes-1.
-        Param("/brush/N/prompt", (text,), "brush", "Brush N prompt.", _default(B, "prompt"), field="prompt"),
-        Param("/brush/N/negative_prompt", (text,), "brush", "Brush N negative prompt.",
-              _default(B, "negative_prompt"), field="negative_prompt"),
-        Param("/brush/N/strength", (unit(B, "mask_strength"),), "brush", "Brush N mask strength.",
-              _default(B, "mask_strength"), field="mask_strength"),
-        Param("/brush/N/prompt_strength", (unit(B, "prompt_strength"),), "brush", "Brush N prompt strength.",
-              _default(B, "prompt_strength"), field="prompt_strength"),
-        Param("/brush/N/blur", (unit(B, "mask_blur"),), "brush", "Brush N mask blur (std, pixels).",
-              _default(B, "mask_blur"), field="mask_blur"),
-        Param("/brush/N/enabled", (toggle,), "brush", "Brush N on (1) or off (0).", _default(B, "enabled"),
-              field="enabled", finish=bool),
-        Param("/brush/N/rect", tuple(norm), "brush", "Brush N mask: rectangle x y w h, normalised 0..1.",
-              None, field="rect"),
-        Param("/brush/N/circle", (norm[0], norm[1], Arg("f", 0.0, 1.0, name="r")), "brush",
-              "Brush N mask: circle x y r, normalised 0..1.", None, field="circle"),
-        Param("/brush/N/mask", (Arg("s", max_len=4096),), "brush", "Brush N mask from a PNG file path.",
-              None, field="mask", finish=_mask_path),
-        Param("/brush/N/shm", (Arg("s", max_len=4096),), "brush",
-              "Brush N mask from a shm:// mask channel (docs/shm-format.md), e.g. shm://masks?plane=2.",
-              None, field="shm", finish=_shm_channel),
-        Param("/brush/N/clear", (), "brush", "Remove brush N.", kind="trigger", field="clear"),
-        Param("/brush/order", (Arg("i", 0, _meta(RuntimeConfig, "max_brushes", "le") - 1),), "brush_order",
-              "Cover order of the brushes, bottom first (a later brush covers an earlier one): every "
-              "brush number once.", None, repeat=(1, _meta(RuntimeConfig, "max_brushes", "le")),
-              finish=_distinct),
-    ]
+    params = [_from_field(LiveParams, name, key=name) for name in LiveParams.model_fields]
+    for name in NodeParams.model_fields:
+        param = _from_field(NodeParams, name, key=name)
+        # No schema pass: the preset is looked up by name (listing the ones there are); a model id
+        # is checked by the loader.
+        params.append(dataclasses.replace(param, schema=None, finish=param.finish or _FINISH.get(name),
+                                          default=None if name in ("preset", "model") else param.default))
+    status = next(t for t in TRIGGERS if t.key == "status")
+    params.append(Param(status.address, (), None, status.description, kind="trigger"))
+    # Regional prompts ("semantic brushes"): N in 0..max_brushes-1.
+    for name in BrushParams.model_fields:
+        param = _from_field(BrushParams, name, key="brush", field=name)
+        if name == "mask":
+            param = dataclasses.replace(param, finish=_mask_path)
+        params.append(param)
+    clear = next(t for t in TRIGGERS if t.key == "clear")
+    params.append(Param(clear.address, (), "brush", clear.description, kind="trigger", field="clear"))
+    params.append(Param(str(BRUSH_ORDER_OSC["osc"]), (Arg("i", 0, MAX_BRUSHES - 1),), "brush_order",
+                        str(BRUSH_ORDER_OSC["description"]), None, repeat=(1, MAX_BRUSHES), finish=_distinct))
     return params
+
+
+_FINISH: dict[str, Callable[[Any], Any]] = {"preset": _preset}
 
 
 ADDRESSES: list[Param] = _build_addresses()
@@ -414,11 +411,7 @@ ADDRESSES: list[Param] = _build_addresses()
 
 _BY_ADDRESS = {p.address: p for p in ADDRESSES}
 _BRUSH_FIELDS = {p.address.rsplit("/", 1)[1]: p for p in ADDRESSES if p.is_brush}
-_BY_KEY = {p.key: p for p in ADDRESSES if p.key and not p.is_brush and p.key not in ("preset", "model")}
-_BRUSH_BY_FIELD = {p.field: p for p in ADDRESSES if p.is_brush}
-_GROUP_SIBLINGS = {
-    p.address: [o.address for o in ADDRESSES if o.group == p.group and o is not p] for p in ADDRESSES if p.group
-}
+_VALUE_PARAMS = [p for p in ADDRESSES if p.kind == "value"]
 
 OUT_ADDRESSES: list[tuple[str, str, str]] = [
     ("/streamnode/heartbeat", "i", "Once a second; counts up from 1."),
@@ -458,30 +451,45 @@ def param_address(param: Param, brush: int | None) -> str:
     return param.address.replace("/N/", f"/{brush}/") if brush is not None else param.address
 
 
+def value_at(live: LiveState, param: Param, brush: int | None = None) -> Any:
+    """The value in force at an address, from the node's live state; None where nothing is in force
+    (the prompt while a blend is, a brush that does not exist, a mask that came as an array)."""
+    if param.is_brush:
+        state = live.brushes.get(brush) if brush is not None else None
+        return None if state is None or param.field is None else getattr(state.params, param.field)
+    if param.key == "brush_order":
+        return list(live.brush_order) or None
+    if param.key in NodeParams.model_fields:
+        return getattr(live.node, param.key) or (None if param.key in ("preset", "model") else False)
+    if param.key in LiveParams.model_fields:
+        return getattr(live.params, param.key)
+    return None
+
+
+def _changed(old: LiveState, new: LiveState, max_brushes: int) -> list[str]:
+    """The addresses whose value differs between two live states (brushes expanded)."""
+    brushes = sorted(b for b in set(old.brush_order) | set(new.brush_order) if b < max_brushes)
+    changed = []
+    for p in _VALUE_PARAMS:
+        for n in brushes if p.is_brush else [None]:
+            before, now = value_at(old, p, n), value_at(new, p, n)
+            if (before is None) != (now is None) or (before is not None and not _same(before, now)):
+                changed.append(param_address(p, n))
+    return changed
+
+
+def live_values(live: LiveState, max_brushes: int) -> dict[str, Any]:
+    """Every address with a value in force (brushes expanded): what /status and OSCQuery report."""
+    values: dict[str, Any] = {}
+    for p in _VALUE_PARAMS:
+        for n in (b for b in live.brush_order if b < max_brushes) if p.is_brush else [None]:
+            value = value_at(live, p, n)
+            if value is not None:
+                values[param_address(p, n)] = value
+    return values
+
+
 # -- small helpers ----------------------------------------------------------------------------
-
-
-class _LogLimiter:
-    """At most one log line per key per `interval`, then how many were suppressed meanwhile."""
-
-    def __init__(self, interval: float = 5.0, max_keys: int = 512) -> None:
-        self.interval = interval
-        self.max_keys = max_keys
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def __call__(self, key: str) -> int | None:
-        """None: stay quiet. Otherwise log now; the number is how many were suppressed."""
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
-            return None
-        if len(self._last) >= self.max_keys:  # random garbage addresses must not grow this forever
-            self._last.clear()
-            self._suppressed.clear()
-        self._last[key] = now
-        return self._suppressed.pop(key, 0)
 
 
 class _TokenBucket:
@@ -578,6 +586,7 @@ def _same(a: Any, b: Any) -> bool:
 # -- the server -------------------------------------------------------------------------------
 
 StatusFn = Callable[[], dict[str, Any]]
+LiveFn = Callable[[], LiveState]
 
 
 class OscServer:
@@ -585,8 +594,10 @@ class OscServer:
 
     `start()` binds and starts the threads (raises `OscStartError`); `stop(timeout)` joins them
     and closes the socket; both are safe to call twice. `status()` is the node's snapshot
-    (state, fps_out, latency_ms_p50, dropped, skipped, error, params), called from the sender
-    thread only, a few times a second.
+    (state, fps_out, latency_ms_p50, dropped, skipped, error), called from the sender thread
+    only, a few times a second. `live()` is the node's `LiveState`, the values in force: a value
+    equal to the one in force (or to the one already queued) is dropped before the queue, and
+    every value that changes is echoed as /streamnode/applied/<address>.
     """
 
     def __init__(
@@ -595,12 +606,14 @@ class OscServer:
         queue: ControlQueue,
         status: StatusFn | None = None,
         *,
+        live: LiveFn | None = None,
         max_brushes: int | None = None,
         name: str = "streamnode",
     ) -> None:
         self.config = config
         self.queue = queue
         self._status = status
+        self._live: LiveFn = live or LiveState
         self.max_brushes = _default(RuntimeConfig, "max_brushes") if max_brushes is None else max_brushes
         self.name = name
         self._prefix = config.prefix
@@ -618,25 +631,23 @@ class OscServer:
         self._started = False
         self._stopped = False
 
-        # Dedupe memory, written by the receive thread, invalidated by the sender thread.
+        # The fast path of dedupe: datagrams whose value is the one in force (or queued), dropped
+        # unparsed when a CHOP repeats them. A cache of the live state, never a second record of
+        # it: written by the receive thread, dropped for an address whenever its value changes,
+        # or its update fails (sender thread, engine thread).
         self._memo_lock = threading.Lock()
-        self._last: dict[str, Any] = {}  # local address → last accepted value
-        self._dgram_of: dict[str, bytes] = {}  # local address → the datagram that carried it
-        self._seen: set[bytes] = set()  # those datagrams: an exact repeat is dropped unparsed
-        self._levels: dict[str, float] = {}  # trigger address → last level (rising edge)
+        self._dgram_of: dict[str, bytes] = {}  # local address → the datagram that carried its value
+        self._seen: set[bytes] = set()  # those datagrams
+        self._levels: dict[str, float] = {}  # trigger address → last level (rising edge): input state
 
         self._outbox: deque[tuple[Any, ...]] = deque(maxlen=4096)  # append/popleft never block
         self._peers: dict[str, None] = {}  # hosts that sent us something, newest last
-        self._values: dict[str, Any] = {}  # local address → current value (OSCQuery, /status)
-        for p in ADDRESSES:
-            if p.kind == "value" and p.default is not None:
-                if p.is_brush:
-                    for n in range(self.max_brushes):
-                        self._values[param_address(p, n)] = p.default
-                else:
-                    self._values[p.address] = p.default
+        self._echoed: LiveState | None = None  # the live state the last echo was computed against
+        self._checked: LiveState | None = None  # the live state the fast-path memory was last checked against
+        self._check_lock = threading.Lock()
+        self._just_echoed: dict[str, Any] = {}  # address → value echoed as applied since then (sender thread)
 
-        self._log_limit = _LogLimiter()
+        self._log_limit = LogLimiter(5.0)
         self._reply_bucket = _TokenBucket(rate=20.0, burst=50.0)
         self.counters = {
             "datagrams": 0,  # from allowed senders
@@ -647,7 +658,7 @@ class OscServer:
             "foreign": 0,  # another node's --osc-prefix
             "errors_unsent": 0,  # error replies held back by the rate cap
         }
-        queue.on_applied(self._on_applied)
+        queue.on_report(self._on_report)
 
     # -- lifecycle
 
@@ -684,7 +695,7 @@ class OscServer:
         sock.setblocking(False)  # the receive loop waits in select(); replies never wait on UDP
         self._sock = sock
         self._started = True
-        self._refresh_values(self._read_status())
+        self._echoed = self._checked = self._live()
         self._threads = [
             threading.Thread(target=self._receive, args=(self._stop,), name="osc-recv", daemon=True),
             threading.Thread(target=self._send_loop, args=(self._stop,), name="osc-send", daemon=True),
@@ -849,7 +860,7 @@ class OscServer:
                 with self._memo_lock:
                     prev = self._levels.get(local, 0.0)
                     self._levels[local] = value
-                    self._remember_locked(local, value, data)  # exact repeats skip parsing
+                    self._remember_locked(local, data)  # exact repeats skip parsing
                 if not (value > 0 >= prev):
                     self.counters["deduped"] += 1
                     return
@@ -859,45 +870,47 @@ class OscServer:
             else:
                 self.queue.put(Update(param.key, (brush, param.field, None), origin=local))
             return
+        update = Update(param.key or "", (brush, param.field, value) if brush is not None else value, origin=local)
+        if self._in_force(update, param, brush, value):
+            with self._memo_lock:
+                self._remember_locked(local, data)
+            self.counters["deduped"] += 1
+            return
         with self._memo_lock:
-            if local in self._last and _same(self._last[local], value):
-                self._remember_locked(local, value, data)
-                self.counters["deduped"] += 1
-                return
-            self._remember_locked(local, value, data)
-            for other in _GROUP_SIBLINGS.get(param.address, ()):
-                self._forget_locked(other)
-            if param.key != "preset":
-                # Sending the same preset again after touching anything resets to it.
-                self._forget_locked("/preset")
+            self._remember_locked(local, data)  # repeats while it is queued are the same value
         self.counters["accepted"] += 1
-        update_value = (brush, param.field, value) if brush is not None else value
-        self.queue.put(Update(param.key or "", update_value, origin=local))
+        self.queue.put(update)
 
-    def _remember_locked(self, local: str, value: Any, data: bytes) -> None:
+    def _in_force(self, update: Update, param: Param, brush: int | None, value: Any) -> bool:
+        """True when `value` is what the node already uses (or has queued) at this address."""
+        if self.queue.pending("preset") is not None:
+            return False  # a preset about to change many values: this one must follow it, not vanish
+        pending = self.queue.pending(update.slot)
+        if pending is not None:
+            current = pending.value[2] if brush is not None else pending.value
+        elif param.key == "model" and self._loading_model() == value:
+            return True  # already loading it: a DAT repeating the id must not restart the load
+        else:
+            current = value_at(self._live(), param, brush)
+        return current is not None and _same(current, value)
+
+    def _loading_model(self) -> Any:
+        return self._read_status().get("loading_model")
+
+    def _remember_locked(self, local: str, data: bytes) -> None:
         old = self._dgram_of.get(local)
         if old is not None:
             self._seen.discard(old)
-        self._last[local] = value
         self._dgram_of[local] = data
         self._seen.add(data)
 
-    def _forget_locked(self, local: str) -> None:
-        self._last.pop(local, None)
-        old = self._dgram_of.pop(local, None)
-        if old is not None:
-            self._seen.discard(old)
-
-    def forget(self, local: str | None = None, *, keep: str | None = None) -> None:
-        """Drop the dedupe memory of one address (or all but `keep`): its next value goes through
-        even if equal. Called when the engine's value changed by another route (preset, CLI)."""
+    def forget(self, local: str) -> None:
+        """Drop the fast-path memory of one address: its next datagram is parsed and compared
+        with the value in force again."""
         with self._memo_lock:
-            if local is not None:
-                self._forget_locked(local)
-                return
-            for address in list(self._last):
-                if address != keep:
-                    self._forget_locked(address)
+            old = self._dgram_of.pop(local, None)
+            if old is not None:
+                self._seen.discard(old)
 
     def _strip_prefix(self, address: str) -> str | None:
         if not self._prefix:
@@ -955,9 +968,24 @@ class OscServer:
 
     # -- engine thread (must not block)
 
-    def _on_applied(self, update: Update) -> None:
-        if self._started and not self._stopped:
+    def _on_report(self, update: Update, error: str | None) -> None:
+        if error is not None:
+            if update.origin:
+                self.forget(update.origin)  # the value is not in force: the same value may be retried
+            return
+        # Before the echo leaves: a surface that answers it at once must find the memory current.
+        self._invalidate(self._live())
+        if self._started and not self._stopped and update.origin.startswith("/"):
             self._outbox.append(("applied", update))
+
+    def _invalidate(self, live: LiveState) -> None:
+        """Forget the fast-path memory of every address whose value changed since the last look."""
+        with self._check_lock:
+            old, self._checked = self._checked, live
+        if old is None or old is live:
+            return
+        for local in _changed(old, live, self.max_brushes):
+            self.forget(local)
 
     # -- sender thread
 
@@ -972,12 +1000,12 @@ class OscServer:
         while not stop.wait(_SEND_TICK_S):
             try:
                 self._flush_outbox()
+                self._echo_changes()
                 now = time.monotonic()
                 if now < next_poll:
                     continue
                 next_poll = now + _STATUS_POLL_S
                 st = self._read_status()
-                self._refresh_values(st)
                 state, error = st.get("state"), st.get("error")
                 if state and state != last_state:
                     self._send_all("/streamnode/state", [("s", str(state))])
@@ -1003,45 +1031,40 @@ class OscServer:
                 _, target, address, args = item
                 self._send(target, address, args)
             elif kind == "applied":
-                self._echo(item[1])
+                self._echo_applied(item[1])
             elif kind == "status":
                 self._full_status(item[1])
 
-    def _echo(self, update: Update) -> None:
-        if update.key in ("preset", "model"):
-            # Many values just changed: let the surface send any of them again; the preset (or
-            # model) name itself stays remembered, so a DAT repeating it does not re-apply it.
-            self.forget(keep="/" + update.key)
-        found = lookup(update.origin, self.max_brushes) if update.origin.startswith("/") else None
+    def _echo_applied(self, update: Update) -> None:
+        """Each update applied from OSC is echoed at its address, as sent (a trigger with no value)."""
+        found = lookup(update.origin, self.max_brushes)
         if found is None:
-            # Applied by another route (CLI, the node itself): echo it on the key's address and
-            # let the next OSC value for it through even if equal to what we last accepted.
-            brush = update.value[0] if update.key == "brush" else None
-            if update.key == "brush":
-                param = _BRUSH_BY_FIELD.get(update.value[1])
-            elif update.key in ("preset", "model"):
-                param = _BY_ADDRESS["/" + update.key]
-            else:
-                param = _BY_KEY.get(update.key)
-            if param is None:
-                return
-            local = param_address(param, brush)
-            if update.key not in ("preset", "model"):
-                self.forget(local)
-        else:
-            param, brush = found
-            local = update.origin
+            return
+        param = found[0]
         value = update.value[2] if update.key == "brush" else update.value
-        if param.kind == "value":
-            self._values[local] = value
-        elif param.field == "clear" and brush is not None:
-            for p in ADDRESSES:
-                if p.is_brush and p.kind == "value":
-                    if p.default is None:
-                        self._values.pop(param_address(p, brush), None)
-                    else:
-                        self._values[param_address(p, brush)] = p.default
-        self._send_all(self._out("/streamnode/applied" + local), param.to_osc(value))
+        self._just_echoed[update.origin] = value
+        self._send_all(self._out("/streamnode/applied" + update.origin), param.to_osc(value))
+
+    def _echo_changes(self) -> None:
+        """Echo every other value that changed in the live state since the last look, whoever
+        changed it (a preset, a model switch, a shm mask, a side effect such as the t_index a
+        strength picks); forget the fast-path memory of each, so a surface may send any of them
+        again."""
+        live = self._live()
+        self._invalidate(live)
+        old = self._echoed
+        just, self._just_echoed = self._just_echoed, {}
+        self._echoed = live
+        if live is old or old is None:
+            return
+        for local in _changed(old, live, self.max_brushes):
+            found = lookup(local, self.max_brushes)
+            if found is None:
+                continue
+            now = value_at(live, *found)
+            if now is None or (local in just and _same(just[local], now)):
+                continue  # nothing in force to show, or echoed as applied a moment ago
+            self._send_all(self._out("/streamnode/applied" + local), found[0].to_osc(now))
 
     def _status_messages(self, st: dict[str, Any]) -> list[tuple[str, list[tuple[str, Any]]]]:
         out: list[tuple[str, list[tuple[str, Any]]]] = []
@@ -1056,11 +1079,10 @@ class OscServer:
 
     def _full_status(self, target: tuple[str, int]) -> None:
         st = self._read_status()
-        self._refresh_values(st)
         for address, args in self._status_messages(st):
             self._send(target, self._out(address), args)
         self._send(target, self._out("/streamnode/error"), [("s", str(st.get("error") or ""))])
-        for local, value in list(self._values.items()):
+        for local, value in live_values(self._live(), self.max_brushes).items():
             found = lookup(local, self.max_brushes)
             if found is not None:
                 self._send(target, self._out("/streamnode/applied" + local), found[0].to_osc(value))
@@ -1092,26 +1114,6 @@ class OscServer:
                 logger.exception("OSC: status() failed")
             return {}
 
-    def _refresh_values(self, st: dict[str, Any]) -> None:
-        """Mirror the engine's live values; where one differs from what we last accepted for
-        an address, forget that memory so the surface can send the value again."""
-        params = st.get("params")
-        if not isinstance(params, dict):
-            return
-        for key, value in params.items():
-            param = _BY_KEY.get(key)
-            if param is None or value is None:
-                continue
-            if isinstance(value, tuple):
-                value = list(value)
-            self._values[param.address] = value
-            with self._memo_lock:
-                if param.address in self._last and not _same(self._last[param.address], value):
-                    self._forget_locked(param.address)
-        for key in ("pause", "bypass"):
-            if key in st and isinstance(st[key], bool):
-                self._values["/" + key] = st[key]
-
     # -- OSCQuery
 
     def _display_name(self) -> str:
@@ -1121,6 +1123,7 @@ class OscServer:
         """One OSCQuery description per address (brushes expanded), with current values."""
         nodes = []
         presets = None
+        values = live_values(self._live(), self.max_brushes)
         for p in ADDRESSES:
             for n in range(self.max_brushes) if p.is_brush else [None]:
                 local = param_address(p, n)
@@ -1130,13 +1133,15 @@ class OscServer:
                     node["TYPE"] = "N"
                     nodes.append(node)
                     continue
-                value = self._values.get(local)
+                value = values.get(local)
                 node["ACCESS"] = 3
                 node["TYPE"] = p.osc_types(value)
                 count = len(node["TYPE"]) // len(p.args)
                 ranges = []
                 for a in list(p.args) * count:
-                    if a.tag == "s":
+                    if a.choices:
+                        ranges.append({"VALS": list(a.choices)})
+                    elif a.tag == "s":
                         ranges.append({})
                     else:
                         ranges.append({"MIN": a.min, "MAX": a.max})

@@ -1,8 +1,10 @@
 """Typed live-parameter updates and the queue that carries them to the engine thread.
 
-Producers (the OSC server, the CLI, tests) `put()` validated updates; the engine thread
-`drain()`s them between frames, applies them, and reports each applied value back through
-the `on_applied` callbacks so control surfaces can show what the node really uses.
+Producers (the OSC server, the CLI, tests) `put()` updates; the engine thread `drain()`s them
+between frames, applies them, and `report()`s each outcome (applied, or the reason it was not)
+to the `on_report` listeners, so a control surface can echo, forget its dedupe memory or show
+the error. The values in force are not kept here: the engine and the node report them
+(`LiveState`, live_params.py).
 """
 
 from __future__ import annotations
@@ -12,30 +14,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-ENGINE_KEYS = frozenset(
-    {
-        "prompt",
-        "negative_prompt",
-        "prompt_blend",  # list[tuple[str, float]]
-        "prompt_transition_frames",
-        "guidance_scale",
-        "delta",
-        "strength",
-        "t_index_list",
-        "seed",
-        "seed_blend",  # list[tuple[int, float]]
-        "similarity_threshold",
-        "similarity_max_skip",
-        "brush_order",  # list[int]: brush numbers, bottom first
-    }
-)
-"""Keys the node forwards to `StreamEngine.update(**{key: value})`."""
+from streamnode.live_params import LiveParams, NodeParams
+
+ENGINE_KEYS = frozenset({*LiveParams.model_fields, "brush_order"})
+"""Keys the node forwards to `Engine.update(**{key: value})` (the schema's LiveParams, plus the brush order)."""
 
 STATES = ("starting", "loading_model", "building_engine", "warming_up", "streaming", "paused", "error")
 """The node's lifecycle states: `Node.status()["state"]`, reported as /streamnode/state."""
 
-NODE_KEYS = frozenset({"pause", "bypass", "preset", "model", "brush"})
-"""Keys the node handles itself (brush values are `(index, field, value)` tuples)."""
+NODE_KEYS = frozenset({*NodeParams.model_fields, "brush"})
+"""Keys the node handles itself (the schema's NodeParams; brush values are `(index, field, value)`
+tuples, field a BrushParams field or "clear")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +52,7 @@ class ControlQueue:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pending: dict[str, Update] = {}
-        self._listeners: list[Callable[[Update], None]] = []
+        self._listeners: list[Callable[[Update, str | None], None]] = []
         self.replaced = 0
 
     def put(self, update: Update) -> None:
@@ -81,14 +70,20 @@ class ControlQueue:
             self._pending.clear()
             return updates
 
+    def pending(self, slot: str) -> Update | None:
+        """The update waiting for `slot` (see `Update.slot`), if any."""
+        with self._lock:
+            return self._pending.get(slot)
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._pending)
 
-    def on_applied(self, listener: Callable[[Update], None]) -> None:
-        """Register a callback run (on the engine thread; it must not block) for each applied update."""
+    def on_report(self, listener: Callable[[Update, str | None], None]) -> None:
+        """Register `listener(update, error)`, run on the engine thread (it must not block) for each
+        drained update: error None when it was applied, else the reason it was not."""
         self._listeners.append(listener)
 
-    def applied(self, update: Update) -> None:
+    def report(self, update: Update, error: str | None = None) -> None:
         for listener in self._listeners:
-            listener(update)
+            listener(update, error)

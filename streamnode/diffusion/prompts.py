@@ -10,14 +10,16 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
+
+from streamnode.live_params import LiveParams
 
 logger = logging.getLogger(__name__)
 
 BlendMethod = Literal["linear", "slerp"]
-BLEND_METHODS: tuple[str, ...] = ("linear", "slerp")
+BLEND_METHODS: tuple[str, ...] = get_args(LiveParams.model_fields["blend_method"].annotation)
 
 
 class PromptCache:

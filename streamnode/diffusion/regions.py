@@ -32,7 +32,6 @@ layers are then rebuilt from the cached latent masks (a few (T, h, w) products).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import struct
@@ -44,9 +43,8 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from pydantic import ValidationError
 
-from streamnode.config import BrushConfig
+from streamnode.live_params import MASK_SOURCES, BrushParams, BrushState, validated
 
 logger = logging.getLogger(__name__)
 
@@ -57,40 +55,22 @@ MAX_MASK_SIDE = 4096
 _FLOAT_MASK_SLACK = 1e-3
 """Float masks are in [0, 1]; this much rounding outside is tolerated (and clipped)."""
 
-FIELDS = (
-    "prompt", "negative_prompt", "mask", "rect", "circle", "mask_strength", "mask_blur", "prompt_strength",
-    "enabled", "order", "clear",
-)
-"""Fields a brush edit may carry: the `BrushConfig` fields the engine reads, plus `order` (cover
-position, 0 = bottom) and `clear` (remove the brush). `BrushConfig.shm` is the node's business:
-it reads the channel and hands the engine mask arrays."""
-
 _SCALARS = ("prompt", "negative_prompt", "mask_strength", "mask_blur", "prompt_strength", "enabled")
-_DEFAULTS = BrushConfig()
+FIELDS = (*_SCALARS, "mask", "rect", "circle", "order", "clear")
+"""Fields a brush edit may carry: the `BrushParams` fields the engine reads (live_params.py), plus
+`order` (cover position, 0 = bottom) and `clear` (remove the brush). `BrushParams.shm` is the
+node's business: it reads the channel and hands the engine mask arrays."""
 
 
 class MaskError(ValueError):
     """A mask that cannot be used: the message names the file or value and what is allowed."""
 
 
-@dataclass(frozen=True)
-class Brush:
-    """A brush's settings, as `Regions.brushes` reports them."""
-
-    prompt: str = _DEFAULTS.prompt
-    negative_prompt: str = _DEFAULTS.negative_prompt
-    mask_source: str = ""  # what the mask came from: "rect x y w h", "circle x y r", a PNG path, "array HxW"
-    mask_strength: float = _DEFAULTS.mask_strength
-    mask_blur: float = _DEFAULTS.mask_blur
-    prompt_strength: float = _DEFAULTS.prompt_strength
-    enabled: bool = _DEFAULTS.enabled
-
-
 @dataclass
 class _Slot:
     """One brush: its settings and everything derived from them."""
 
-    brush: Brush
+    brush: BrushState
     coverage: np.ndarray | None  # (h, w) float32: the mask area-averaged onto the latent grid; None: no mask
     soft: torch.Tensor | None  # (h, w): mask_strength · blur(coverage), on the device, float32
     positive: torch.Tensor  # (1, 77, D) own prompt embedding
@@ -99,7 +79,7 @@ class _Slot:
 
     @property
     def paints(self) -> bool:
-        return self.brush.enabled and self.soft is not None and bool((self.soft > 0).any())
+        return self.brush.params.enabled and self.soft is not None and bool((self.soft > 0).any())
 
 
 @dataclass(frozen=True)
@@ -278,16 +258,8 @@ def cover_weights(stage_masks: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _validate_scalars(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate brush fields against `BrushConfig`, so presets, OSC and the engine agree."""
-    try:
-        checked = BrushConfig.model_validate(dict(fields))
-    except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            key = str(err["loc"][0]) if err["loc"] else "brush"
-            message = str(err["msg"]).removeprefix("Value error, ")
-            problems.append(f"{key} = {fields.get(key)!r} is not valid: {message}")
-        raise ValueError("; ".join(problems)) from None
+    """Validate brush fields against the schema (`BrushParams`), so presets, OSC and the engine agree."""
+    checked = validated(BrushParams, fields)
     return {key: getattr(checked, key) for key in fields}
 
 
@@ -345,7 +317,8 @@ class Regions:
         return tuple(self._order)
 
     @property
-    def brushes(self) -> dict[int, Brush]:
+    def brushes(self) -> dict[int, BrushState]:
+        """Every brush in force, in cover order (bottom first)."""
         return {i: self._slots[i].brush for i in self._order}
 
     def mask(self, index: int) -> torch.Tensor | None:
@@ -400,8 +373,9 @@ class Regions:
             raise ValueError(f"give one mask source per edit, not {' and '.join(sources)}")
 
         old = self._slots.get(index)
-        brush = old.brush if old is not None else Brush()
+        brush = old.brush if old is not None else BrushState()
         changes = _validate_scalars({k: fields[k] for k in _SCALARS if k in fields})
+        array = brush.mask_array
         position = None
         if "order" in fields:
             count = len(self._order) + (old is None)
@@ -413,50 +387,54 @@ class Regions:
         # 1. The mask source → latent coverage (only when a source is given).
         coverage = old.coverage if old is not None else None
         if sources:
-            coverage, changes["mask_source"] = self._coverage(sources[0], fields[sources[0]])
-        new = dataclasses.replace(brush, **changes)
+            coverage, source, array = self._coverage(sources[0], fields[sources[0]])
+            changes.update(dict.fromkeys(MASK_SOURCES), **source)
+        new_params = brush.params.model_copy(update=changes)
+        new = BrushState(new_params, array)
 
         # 2. Latent mask m: only when the coverage, strength or blur changed.
         soft = old.soft if old is not None else None
-        if sources or old is None or (new.mask_strength, new.mask_blur) != (brush.mask_strength, brush.mask_blur):
+        was = brush.params
+        if sources or old is None or (new_params.mask_strength, new_params.mask_blur) != (was.mask_strength, was.mask_blur):
             soft = None
             if coverage is not None:
-                m = soften(coverage, new.mask_strength, new.mask_blur, self.scale)
+                m = soften(coverage, new_params.mask_strength, new_params.mask_blur, self.scale)
                 soft = torch.from_numpy(m).to(self.device)
 
         # 3. Encodings: only texts that changed (the prompt cache serves texts it has seen).
         texts = []
-        if old is None or new.prompt != brush.prompt:
-            texts.append(new.prompt)
-        if (old is None or new.negative_prompt != brush.negative_prompt) and new.negative_prompt:
-            texts.append(new.negative_prompt)
+        if old is None or new_params.prompt != was.prompt:
+            texts.append(new_params.prompt)
+        if (old is None or new_params.negative_prompt != was.negative_prompt) and new_params.negative_prompt:
+            texts.append(new_params.negative_prompt)
         encoded = dict(zip(texts, self._encode(texts), strict=True)) if texts else {}
         previous = old.positive if old is not None else None
-        positive = encoded.get(new.prompt, previous)
+        positive = encoded.get(new_params.prompt, previous)
         assert positive is not None
         negative = None
-        if new.negative_prompt:
-            negative = encoded.get(new.negative_prompt, old.negative if old is not None else None)
+        if new_params.negative_prompt:
+            negative = encoded.get(new_params.negative_prompt, old.negative if old is not None else None)
 
         slot = _Slot(new, coverage, soft, positive.to(self.device, self.dtype),
                      None if negative is None else negative.to(self.device, self.dtype))
         return BrushEdit(index, slot, position)
 
-    def _coverage(self, source: str, value: Any) -> tuple[np.ndarray | None, str]:
+    def _coverage(self, source: str, value: Any) -> tuple[np.ndarray | None, dict[str, Any], np.ndarray | None]:
+        """A mask source → (latent coverage, the BrushParams fields that record it, the array kept
+        for an array mask)."""
         W, H = self.width, self.height
-        if source == "mask":
-            if value is None:
-                return None, ""
-            if isinstance(value, (str, Path)):
-                _validate_scalars({"mask": str(value)})
-                return latent_coverage(load_mask_png(value), self.latent_hw), str(value)
-            array = mask_from_array(value)
-            return latent_coverage(array, self.latent_hw), f"array {array.shape[1]}x{array.shape[0]}"
         if value is None:
-            return None, ""
+            return None, {}, None
+        if source == "mask":
+            if isinstance(value, (str, Path)):
+                path = _validate_scalars({"mask": str(value)})["mask"]
+                return latent_coverage(load_mask_png(value), self.latent_hw), {"mask": path}, None
+            array = mask_from_array(value)
+            array.flags.writeable = False  # reported in snapshots: nobody may edit it in place
+            return latent_coverage(array, self.latent_hw), {}, array
         shape = tuple(float(v) for v in _validate_scalars({source: value})[source])
         raster = rect_mask(*shape, W, H) if source == "rect" else circle_mask(*shape, W, H)
-        return latent_coverage(raster, self.latent_hw), f"{source} " + " ".join(f"{v:g}" for v in shape)
+        return latent_coverage(raster, self.latent_hw), {source: shape}, None
 
     def commit(self, edit: BrushEdit) -> bool:
         """Apply a checked edit. Returns True when the number of layers (UNet rows) changed."""
@@ -527,7 +505,7 @@ class Regions:
         negatives, positives = [negative_g], [positive_g]
         for i in self._active:
             slot = self._slots[i]
-            s = slot.brush.prompt_strength
+            s = slot.brush.params.prompt_strength
             positives.append(torch.lerp(positive_g, slot.positive, s))
             negatives.append(negative_g if slot.negative is None else torch.lerp(negative_g, slot.negative, s))
         return torch.cat(negatives), torch.cat(positives)

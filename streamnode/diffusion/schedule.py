@@ -12,13 +12,12 @@ so that the LCM step of stage i reads x0 = c_out_i·(X − b_i·ε)/a_i + c_skip
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from streamnode.config import NUM_TRAIN_TIMESTEPS_LCM
+from streamnode.live_params import NUM_TRAIN_TIMESTEPS_LCM
 
 
 @dataclass(frozen=True)
@@ -59,30 +58,3 @@ class LcmSchedule:
             c_skip=torch.tensor([float(s) for s, _ in scalings], dtype=torch.float64),
             c_out=torch.tensor([float(o) for _, o in scalings], dtype=torch.float64),
         )
-
-
-def strength_to_t_index(strength: float, steps: int) -> list[int]:
-    """`strength` in [0, 1] and T steps → the t_index_list of the same timesteps diffusers picks.
-
-    It is the img2img meaning of strength: the fraction of the 50-step schedule the frame goes
-    through. With L = floor(50·strength) (at least T), the indices are
-
-        t_index_i = 50 − L + floor(i·L / T),   i = 0..T−1
-
-    which are exactly the timesteps of `LCMScheduler.set_timesteps(T, strength=strength)`.
-    strength 1 starts from pure noise (index 0, the input is ignored); strength 0.36 with T = 2
-    gives [32, 41]; a strength below T/50 clamps to the gentlest schedule [50 − T, …, 49].
-    """
-    if not (math.isfinite(strength) and 0.0 <= strength <= 1.0):
-        raise ValueError(f"strength = {strength!r} is not valid: must be a number in 0..1")
-    if not 1 <= steps <= NUM_TRAIN_TIMESTEPS_LCM:
-        raise ValueError(f"steps = {steps}: must be in 1..{NUM_TRAIN_TIMESTEPS_LCM}")
-    n = NUM_TRAIN_TIMESTEPS_LCM
-    # The epsilon keeps 0.58·50 = 28.999… from flooring to 28.
-    span = max(steps, math.floor(n * strength + 1e-9))
-    return [n - span + (i * span) // steps for i in range(steps)]
-
-
-def t_index_to_strength(t_index_list: list[int] | tuple[int, ...]) -> float:
-    """The strength whose schedule starts at t_index_list[0]: (50 − t_index_list[0]) / 50."""
-    return (NUM_TRAIN_TIMESTEPS_LCM - int(t_index_list[0])) / NUM_TRAIN_TIMESTEPS_LCM

@@ -43,22 +43,20 @@ cost without brushes are exactly the above.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 
 from streamnode.config import StreamConfig
-from streamnode.diffusion.prompts import BLEND_METHODS, PromptCache, blend_embeddings, check_weights
+from streamnode.diffusion.prompts import PromptCache, blend_embeddings
 from streamnode.diffusion.regions import Regions
-from streamnode.diffusion.schedule import LcmSchedule, strength_to_t_index
+from streamnode.diffusion.schedule import LcmSchedule
 from streamnode.diffusion.similarity import SimilarityFilter
+from streamnode.live_params import LiveParams, LiveState, validated
 
 logger = logging.getLogger(__name__)
 
@@ -69,63 +67,17 @@ UnetCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(x (rows, 4, h, w), t (rows,) long, embeddings (rows, 77, D)) → model output (rows, 4, h, w)."""
 VaeCall = Callable[[torch.Tensor], torch.Tensor]
 
-UPDATE_KEYS = frozenset(
-    {
-        "prompt",
-        "negative_prompt",
-        "prompt_blend",
-        "prompt_transition_frames",
-        "blend_method",
-        "guidance_scale",
-        "delta",
-        "strength",
-        "t_index_list",
-        "seed",
-        "seed_blend",
-        "similarity_threshold",
-        "similarity_max_skip",
-        "brush",
-        "brush_order",
-    }
-)
-"""What `StreamEngine.update()` accepts: the node's ENGINE_KEYS plus `blend_method`, `brush`
+UPDATE_KEYS = frozenset({*LiveParams.model_fields, "brush", "brush_order"})
+"""What `StreamEngine.update()` accepts: the live parameters (live_params.LiveParams), `brush`
 ((index, field, value) or (index, {field: value, ...}); regions.py) and `brush_order`."""
 
-# Live fields whose change alters the output: after one, the similarity filter stands aside until
-# the change has flowed through every stage (a static input would otherwise freeze the old look).
-_OUTPUT_FIELDS = frozenset(
-    {"prompt_blend", "negative_prompt", "blend_method", "guidance_scale", "delta", "t_index_list", "seed_blend"}
-)
+# Live fields that do not alter the output; after any other change the similarity filter stands
+# aside until the change has flowed through every stage (a static input would otherwise freeze
+# the old look).
+_QUIET_FIELDS = frozenset({"similarity_threshold", "similarity_max_skip", "prompt_transition_frames"})
 
 _FLOAT_FRAME_SLACK = 1e-3
 """Float frames are RGB in [0, 1]; this much rounding outside is tolerated (and clamped by the VAE)."""
-
-
-@dataclass(frozen=True)
-class LiveParams:
-    """The live parameters in force. Replaced as a whole by `update()`, read by every frame."""
-
-    prompt_blend: tuple[tuple[str, float], ...] = (("", 1.0),)
-    negative_prompt: str = ""
-    blend_method: str = "linear"
-    prompt_transition_frames: int = 4
-    guidance_scale: float = 1.2
-    delta: float = 1.0
-    t_index_list: tuple[int, ...] = (32, 45)
-    strength: float | None = None
-    seed_blend: tuple[tuple[int, float], ...] = ((2, 1.0),)
-    similarity_threshold: float = 0.0
-    similarity_max_skip: int = 10
-
-    @property
-    def prompt(self) -> str | None:
-        """The prompt when a single one is in force; None while a weighted blend is."""
-        return self.prompt_blend[0][0] if len(self.prompt_blend) == 1 else None
-
-    @property
-    def seed(self) -> int | None:
-        """The seed when a single one is in force; None while a seed blend is."""
-        return self.seed_blend[0][0] if len(self.seed_blend) == 1 else None
 
 
 class _Kind(NamedTuple):
@@ -135,33 +87,6 @@ class _Kind(NamedTuple):
     batched: bool
     device: torch.device | None = None
     dtype: torch.dtype | None = None
-
-
-def _check_stream_values(values: dict[str, Any]) -> dict[str, Any]:
-    """Validate against `StreamConfig`'s own limits, so the engine and the config never disagree."""
-    try:
-        checked = StreamConfig.model_validate(values)
-    except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            key = str(err["loc"][0]) if err["loc"] else "?"
-            message = str(err["msg"]).removeprefix("Value error, ")
-            problems.append(f"{key} = {values.get(key)!r} is not valid: {message}")
-        raise ValueError("; ".join(problems)) from None
-    return {key: getattr(checked, key) for key in values}
-
-
-def _pairs(value: Any, what: str) -> list[tuple[Any, Any]]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise ValueError(f"{what}: give a list of (value, weight) pairs, e.g. [('a cat', 0.7), ('a dog', 0.3)]")
-    pairs = []
-    for item in value:
-        if isinstance(item, (str, bytes)) or not isinstance(item, Sequence) or len(item) != 2:
-            raise ValueError(f"{what}: {item!r} is not a (value, weight) pair")
-        pairs.append((item[0], item[1]))
-    if not pairs:
-        raise ValueError(f"{what}: give at least one (value, weight) pair")
-    return pairs
 
 
 def _brush_fields(value: Any) -> tuple[Any, dict[str, Any]]:
@@ -209,8 +134,8 @@ class StreamEngine:
         prompt_cache_size: int = 64,
         max_brushes: int = 8,
     ) -> None:
-        fixed = _check_stream_values(
-            {"width": width, "height": height, "frame_buffer_size": frame_buffer_size, "cfg_type": cfg_type}
+        fixed = validated(
+            StreamConfig, {"width": width, "height": height, "frame_buffer_size": frame_buffer_size, "cfg_type": cfg_type}
         )
         unet_config = components.unet.config
         if getattr(unet_config, "time_cond_proj_dim", None):
@@ -223,10 +148,10 @@ class StreamEngine:
             raise ValueError(f"scheduler prediction_type {prediction!r} is not supported")
 
         self.components = components
-        self.width: int = fixed["width"]
-        self.height: int = fixed["height"]
-        self.frame_buffer_size: int = fixed["frame_buffer_size"]
-        self.cfg_type: str = fixed["cfg_type"]
+        self.width: int = fixed.width
+        self.height: int = fixed.height
+        self.frame_buffer_size: int = fixed.frame_buffer_size
+        self.cfg_type: str = fixed.cfg_type
         self.device: torch.device = components.device
         self.dtype: torch.dtype = components.dtype
         factor = components.vae_scale_factor
@@ -280,8 +205,15 @@ class StreamEngine:
             self._pinned = torch.empty((F, self.height, self.width, 3), dtype=torch.uint8, pin_memory=True)
             self._u8 = torch.empty((F, self.height, self.width, 3), dtype=torch.uint8, device=self.device)
 
-        # Filled by prepare() → _apply().
-        self.params = LiveParams()
+        # The parameters the engine starts from (prepare() without a snapshot); filled by prepare().
+        self._initial: LiveParams = validated(LiveParams, {
+            "t_index_list": tuple(t_index_list), "strength": strength, "seed": seed,
+            "similarity_threshold": similarity_threshold, "similarity_max_skip": similarity_max_skip,
+            "prompt_transition_frames": prompt_transition_frames, "blend_method": blend_method,
+        })
+        self._params = self._initial
+        self._live = LiveState(params=self._params)
+        self._closers: list[Callable[[], None]] = []
         self._schedule: LcmSchedule | None = None
         self._stage_noise: torch.Tensor | None = None  # (T, 4, h, w) float32 CPU, one per stage
         self._emb_current: torch.Tensor | None = None  # (2, 77, D): [negative, positive]
@@ -292,19 +224,6 @@ class StreamEngine:
         self._x0_prev: torch.Tensor | None = None
         self._resid_prev: torch.Tensor | None = None
         self._last_image: torch.Tensor | None = None
-
-        if strength is not None:
-            # strength keeps T = len(t_index_list) and picks the indices (schedule.strength_to_t_index).
-            t_index_list = strength_to_t_index(float(strength), len(list(t_index_list)))
-        init: dict[str, Any] = {
-            "t_index_list": list(t_index_list),
-            "seed": seed,
-            "similarity_threshold": similarity_threshold,
-            "similarity_max_skip": similarity_max_skip,
-            "prompt_transition_frames": prompt_transition_frames,
-            "blend_method": blend_method,
-        }
-        self._initial = init
         self.prepare()
 
     # -- construction ----------------------------------------------------------------------
@@ -339,13 +258,45 @@ class StreamEngine:
     # -- read-only views -------------------------------------------------------------------
 
     @property
+    def params(self) -> LiveParams:
+        """The live parameters in force (immutable, replaced whole by `update()`)."""
+        return self._params
+
+    def live_params(self) -> LiveState:
+        """Everything live in force, brushes and their cover order included: an immutable snapshot,
+        rebuilt by the engine thread after each change, so any thread may read it."""
+        return self._live
+
+    def on_close(self, release: Callable[[], None]) -> None:
+        """Run `release` at `close()` (last registered, first run): acceleration backends register
+        the release of their engines and sessions here (accel/)."""
+        self._closers.append(release)
+
+    def close(self) -> None:
+        """Release what the engine holds beyond its Python objects (accelerated engines, device
+        buffers). Safe twice; the engine must not be called afterwards."""
+        closers, self._closers = self._closers, []
+        for release in reversed(closers):
+            try:
+                release()
+            except Exception:  # noqa: BLE001 - the rest must still be released
+                logger.warning("releasing an engine resource failed", exc_info=True)
+        self._x0_prev = self._resid_prev = self._last_image = None
+        self._transition = None
+
+    @property
     def t_index_list(self) -> list[int]:
-        return list(self.params.t_index_list)
+        return list(self._params.t_index_list)
 
     @property
     def steps(self) -> int:
         """T: denoising stages per frame (frames leave T − 1 calls after they enter)."""
-        return len(self.params.t_index_list)
+        return self._params.steps
+
+    @property
+    def delay_calls(self) -> int:
+        """Engine calls between a frame going in and its result coming out: T − 1."""
+        return self.steps - 1
 
     @property
     def negative_rows(self) -> int:
@@ -410,29 +361,17 @@ class StreamEngine:
 
     # -- live parameters -------------------------------------------------------------------
 
-    def prepare(
-        self,
-        prompt: str | None = None,
-        negative_prompt: str = "",
-        guidance_scale: float = 1.2,
-        delta: float = 1.0,
-        **kwargs: Any,
-    ) -> None:
+    def prepare(self, live: LiveParams | None = None, **changes: Any) -> None:
         """Set the parameters at once (no transition) and empty the stream.
 
-        Accepts every `update()` key. The next frame (img2img or txt2img) fills the stream
-        buffer by running the pipeline on itself (T − 1 extra UNet calls, once), so the very
-        first output is already a fully denoised frame: equal to `reference(frame)`.
+        `live`: a whole set of live parameters (a snapshot from `live_params().params`, or a
+        config's `stream.live`); default: the ones in force. `changes`: any `update()` keys,
+        applied on top. The next frame (img2img or txt2img) fills the stream buffer by running
+        the pipeline on itself (T − 1 extra UNet calls, once), so the very first output is
+        already a fully denoised frame: equal to `reference(frame)`.
         """
-        values: dict[str, Any] = dict(self._initial)
-        self._initial = {}
-        values.update(negative_prompt=negative_prompt, guidance_scale=guidance_scale, delta=delta, **kwargs)
-        if prompt is not None or "prompt_blend" not in kwargs:
-            values["prompt"] = "" if prompt is None else prompt
-        if "strength" in kwargs or "seed_blend" in kwargs:
-            # Given here, they replace the constructor's t_index_list / seed.
-            values.pop("t_index_list" if "strength" in kwargs else "seed", None)
-        self._apply(values, transition=False)
+        base = self._params if live is None else validated(LiveParams, live.model_dump())
+        self._apply(changes, transition=False, base=base)
         self._cold = True
         self._transition = None
         self._settle = 0
@@ -461,70 +400,31 @@ class StreamEngine:
         if kwargs:
             self._apply(kwargs, transition=True)
 
-    def _apply(self, kwargs: dict[str, Any], *, transition: bool) -> None:
+    def _apply(self, kwargs: dict[str, Any], *, transition: bool, base: LiveParams | None = None) -> None:
         with torch.inference_mode():
-            new, derived = self._validated(kwargs)
+            new, derived = self._validated(kwargs, self._params if base is None else base)
             self._commit(new, derived, transition=transition)
 
-    def _validated(self, kwargs: dict[str, Any]) -> tuple[LiveParams, dict[str, Any]]:
+    def _validated(self, kwargs: dict[str, Any], base: LiveParams) -> tuple[LiveParams, dict[str, Any]]:
         """Check every value and compute what they feed (embeddings, schedule, noises); mutate nothing."""
         unknown = sorted(set(kwargs) - UPDATE_KEYS)
         if unknown:
             raise ValueError(f"unknown engine parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(UPDATE_KEYS))}")
-        for a, b in (("prompt", "prompt_blend"), ("seed", "seed_blend"), ("t_index_list", "strength"),
-                     ("brush", "brush_order")):
-            if a in kwargs and b in kwargs and kwargs[b] is not None:
-                raise ValueError(f"give {a} or {b}, not both")
+        if "brush" in kwargs and "brush_order" in kwargs:
+            raise ValueError("give brush or brush_order, not both")
+        plain = {k: v for k, v in kwargs.items() if k not in ("brush", "brush_order")}
+        new = base.apply(plain) if plain else base
 
-        plain = {k: v for k, v in kwargs.items() if k in StreamConfig.model_fields}
-        checked = _check_stream_values(plain)
-        changes: dict[str, Any] = {}
-        for key in ("negative_prompt", "guidance_scale", "delta", "similarity_threshold",
-                    "similarity_max_skip", "prompt_transition_frames"):
-            if key in checked:
-                changes[key] = checked[key]
-        if "prompt" in checked:
-            changes["prompt_blend"] = ((checked["prompt"], 1.0),)
-        if "prompt_blend" in kwargs:
-            pairs = _pairs(kwargs["prompt_blend"], "prompt_blend")
-            texts = [_check_stream_values({"prompt": text})["prompt"] for text, _ in pairs]
-            weights = check_weights([w for _, w in pairs], "prompt_blend")
-            changes["prompt_blend"] = tuple(zip(texts, weights, strict=True))
-        if "blend_method" in kwargs:
-            if kwargs["blend_method"] not in BLEND_METHODS:
-                raise ValueError(f"blend_method = {kwargs['blend_method']!r}: must be one of {', '.join(BLEND_METHODS)}")
-            changes["blend_method"] = kwargs["blend_method"]
-        if "seed" in checked:
-            changes["seed_blend"] = ((checked["seed"], 1.0),)
-        if "seed_blend" in kwargs:
-            pairs = _pairs(kwargs["seed_blend"], "seed_blend")
-            seeds = []
-            for s, _ in pairs:
-                if isinstance(s, bool) or (isinstance(s, float) and not s.is_integer()):
-                    raise ValueError(f"seed_blend: seed {s!r} is not an integer")
-                seeds.append(_check_stream_values({"seed": s})["seed"])
-            weights = check_weights([w for _, w in pairs], "seed_blend")
-            changes["seed_blend"] = tuple(zip(seeds, weights, strict=True))
-        if "t_index_list" in checked:
-            changes["t_index_list"] = tuple(checked["t_index_list"])
-            changes["strength"] = None
-        if checked.get("strength") is not None:
-            steps = len(changes.get("t_index_list", self.params.t_index_list))
-            changes["t_index_list"] = tuple(strength_to_t_index(checked["strength"], steps))
-            changes["strength"] = checked["strength"]
-
-        old = self.params
-        new = dataclasses.replace(old, **changes)
+        old = self._params
         derived: dict[str, Any] = {}
-        first = self._emb_current is None
-        if first or (new.prompt_blend, new.negative_prompt, new.blend_method) != (
-            old.prompt_blend, old.negative_prompt, old.blend_method
+        if self._emb_current is None or (new.prompts, new.negative_prompt, new.blend_method) != (
+            old.prompts, old.negative_prompt, old.blend_method
         ):
             derived["embeddings"] = self._embeddings_for(new)
         if self._schedule is None or new.t_index_list != old.t_index_list:
             derived["schedule"] = LcmSchedule.from_scheduler(self._scheduler, new.t_index_list)
-        if self._stage_noise is None or new.seed_blend != old.seed_blend or len(new.t_index_list) != self.steps:
-            derived["noise"] = self._noise_for(new.seed_blend, len(new.t_index_list))
+        if self._stage_noise is None or new.seeds != old.seeds or new.steps != self.steps:
+            derived["noise"] = self._noise_for(new.seeds, new.steps)
         if "brush" in kwargs:
             derived["brush"] = self._regions.check(*_brush_fields(kwargs["brush"]))
         if "brush_order" in kwargs:
@@ -532,7 +432,7 @@ class StreamEngine:
         return new, derived
 
     def _commit(self, new: LiveParams, derived: dict[str, Any], *, transition: bool) -> None:
-        old, self.params = self.params, new
+        old, self._params = self._params, new
         self._filter.configure(new.similarity_threshold, new.similarity_max_skip)
         if "embeddings" in derived:
             target = derived["embeddings"]
@@ -557,8 +457,9 @@ class StreamEngine:
             if self.layers != layers:
                 self._build_rows()
             self._rows_dirty = True
-        changed = {f.name for f in dataclasses.fields(LiveParams) if getattr(old, f.name) != getattr(new, f.name)}
-        if changed & _OUTPUT_FIELDS or "brush" in derived or "brush_order" in derived:
+        self._live = LiveState(params=new, brushes=self._regions.brushes, brush_order=self._regions.order)
+        changed = {name for name in LiveParams.model_fields if getattr(old, name) != getattr(new, name)}
+        if changed - _QUIET_FIELDS or "brush" in derived or "brush_order" in derived:
             self._settle = max(self._settle, new.prompt_transition_frames + self.steps)
         if changed:
             logger.debug("engine parameters: %s", ", ".join(f"{k}={getattr(new, k)!r}" for k in sorted(changed)))
@@ -575,9 +476,9 @@ class StreamEngine:
 
     def _embeddings_for(self, params: LiveParams) -> torch.Tensor:
         """(2, 77, D): [negative, blended positive], every text served by the LRU cache."""
-        texts = [params.negative_prompt, *(text for text, _ in params.prompt_blend)]
+        texts = [params.negative_prompt, *(text for text, _ in params.prompts)]
         embs = self._prompts.get_many(texts)
-        positive = blend_embeddings(embs[1:], [w for _, w in params.prompt_blend], params.blend_method)
+        positive = blend_embeddings(embs[1:], [w for _, w in params.prompts], params.blend_method)
         return torch.cat([embs[0], positive]).to(self.device, self.dtype)
 
     def _noise_for(self, seed_blend: tuple[tuple[int, float], ...], steps: int) -> torch.Tensor:
@@ -672,7 +573,7 @@ class StreamEngine:
 
     def _guide(self, eps_c: torch.Tensor, eps_u: torch.Tensor) -> torch.Tensor:
         """ε̂ = ε_u + g·(ε_c − ε_u); g ≤ 1 means no guidance."""
-        g = self.params.guidance_scale
+        g = self._params.guidance_scale
         return eps_u + g * (eps_c - eps_u) if g > 1.0 else eps_c
 
     def _unet(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -746,7 +647,7 @@ class StreamEngine:
             if self.cfg_type == "initialize":
                 rest = s[F:] if P == 1 else s[F:].expand(P, *s[F:].shape)  # type: ignore[index]
                 s = torch.cat([eps_neg, rest], dim=0 if P == 1 else 1)
-            eps_hat = self._guide(eps_c, self.params.delta * s)
+            eps_hat = self._guide(eps_c, self._params.delta * s)
 
         # 7. LCM step for every row: x0 = c_out·(X − b·ε̂)/a + c_skip·X (per layer with brushes).
         x0 = self.predict_x0(X, eps_hat)
@@ -939,7 +840,7 @@ class StreamEngine:
                 else:
                     if eps_neg is not None:
                         s = eps_neg
-                    eps_hat = self._guide(eps_c, self.params.delta * s)  # type: ignore[operator]
+                    eps_hat = self._guide(eps_c, self._params.delta * s)  # type: ignore[operator]
                 x0 = self.predict_x0(x, eps_hat, rows)
                 resid = self._stock_residual(s, eps_hat, rows) if rcfg and k < T - 1 else None  # type: ignore[arg-type]
                 if P > 1:

@@ -256,6 +256,7 @@ class MaskChannels:
         self._readers: dict[str, MaskChannelReader] = {}
         self._latest: dict[str, np.ndarray] = {}  # name → the last planes read
         self._bound: dict[int, tuple[str, int]] = {}  # brush → (channel name, plane)
+        self._uris: dict[int, str] = {}  # brush → the URI it was bound with
         self._given: dict[int, np.ndarray] = {}  # brush → the plane it was last given
         self._warned: set[tuple[str, int]] = set()
 
@@ -265,6 +266,7 @@ class MaskChannels:
     def bind(self, brush: int, uri: str) -> None:
         name, plane = parse_mask_uri(uri)
         self._bound[brush] = (name, brush if plane is None else plane)
+        self._uris[brush] = uri
         self._given.pop(brush, None)
         if name not in self._readers:
             self._readers[name] = MaskChannelReader(name)
@@ -272,10 +274,15 @@ class MaskChannels:
     def unbind(self, brush: int) -> None:
         if self._bound.pop(brush, None) is None:
             return
+        self._uris.pop(brush, None)
         self._given.pop(brush, None)
         for name in set(self._readers) - {n for n, _ in self._bound.values()}:
             self._readers.pop(name).close()
             self._latest.pop(name, None)
+
+    def bindings(self) -> dict[int, str]:
+        """brush → the shm:// URI it reads its mask from."""
+        return dict(self._uris)
 
     def poll(self) -> list[tuple[int, np.ndarray]]:
         for name, reader in self._readers.items():

@@ -1,0 +1,206 @@
+"""Applying control updates: on the engine thread, between frames, never in the middle of one.
+
+Each update drained from the control queue goes to its owner: live parameters and brush edits
+to the engine (which validates them against the schema and keeps what is in force), pause,
+bypass and preset to the node, a model change to the loader (model_switch.py). Every outcome is
+reported on the queue (`ControlQueue.report`): an update that cannot be applied costs one log
+line (rate-limited), an error reply and nothing else; the node keeps streaming.
+
+A preset replaces the look: its live values (as live updates, so prompts blend in), its
+brushes (all current brushes go), and, with --allow-model-switch, its model.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from streamnode.config import load_config
+from streamnode.control.updates import ENGINE_KEYS, Update
+from streamnode.engine import Engine
+from streamnode.live_params import MASK_SOURCES, LiveState
+from streamnode.log_limit import LogLimiter, held_text
+from streamnode.node.model_switch import LoadJob
+
+if TYPE_CHECKING:
+    from streamnode.node.lifecycle import Node
+
+logger = logging.getLogger(__name__)
+
+
+class Deferred(Exception):
+    """Raised by an apply step that finishes later (a model load): reported when it does."""
+
+
+class Applier:
+    """The engine thread's handler of control updates."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self._log_limit = LogLimiter()
+
+    # -- the queue
+
+    def apply_pending(self) -> None:
+        """Poll the brush mask channels, then apply every queued update, reporting each."""
+        node = self.node
+        if self._poll_masks():
+            node.publish_live()
+        for update in node.queue.drain():
+            try:
+                self.apply(update)
+            except Deferred:
+                continue
+            except Exception as e:  # noqa: BLE001 - a bad value is reported, never fatal
+                self.failed(update, str(e) or type(e).__name__)
+                continue
+            node.publish_live()  # before the report: whoever hears of it reads the new state
+            node.queue.report(update)
+
+    def failed(self, update: Update, reason: str) -> None:
+        node = self.node
+        node.publish_live()  # a preset may have applied part of itself before the failing part
+        node.set_error(f"{update.origin or update.key}: {reason}")
+        if (held := self._log_limit(f"update:{update.slot}")) is not None:
+            logger.warning("cannot apply %s: %s%s", update.origin or update.key, reason, held_text(held))
+        node.queue.report(update, reason)
+
+    def apply(self, update: Update) -> None:
+        key, value = update.key, update.value
+        node = self.node
+        engine = node.engine
+        assert engine is not None
+        if key in ENGINE_KEYS:
+            engine.update(**{key: value})
+        elif key in ("pause", "bypass"):
+            node.set_switches(**{key: bool(value)})
+            return  # the preset's values are still in force
+        elif key == "preset":
+            self._apply_preset(str(value), update)
+            return
+        elif key == "model":
+            self._request_model(str(value), update)
+            raise Deferred
+        elif key == "brush":
+            self.apply_brush(value, engine)
+        else:
+            raise ValueError(f"unknown control key {key!r}")
+        if node.switches.preset:
+            node.set_switches(preset="")  # the look is no longer the preset's
+
+    # -- presets and models
+
+    def _apply_preset(self, name: str, update: Update) -> None:
+        node, engine = self.node, self.node.engine
+        assert engine is not None
+        cfg = load_config(preset=name)
+        state = engine.live_params()
+        for change in state.params.updates_to(cfg.stream.live):
+            engine.update(**change)
+        # The preset's brushes replace the current ones.
+        for index in state.brush_order:
+            self.apply_brush((index, "clear", None), engine)
+        for index, brush in enumerate(cfg.brushes):
+            for field_name, field_value in brush.model_dump(exclude_defaults=True).items():
+                self.apply_brush((index, field_name, field_value), engine)
+        node.set_switches(preset=name)
+        now = node.config
+        fixed = [k for k in ("width", "height", "frame_buffer_size", "cfg_type", "mode")
+                 if getattr(cfg.stream, k) != getattr(now.stream, k)]
+        if cfg.model.id != now.model.id:
+            if now.osc.allow_model_switch:
+                self._request_model(cfg.model.id, update)
+            else:
+                fixed.append("model (start with --allow-model-switch to switch it live)")
+        if fixed:
+            logger.info("preset %s: live values applied; %s need a restart", name, ", ".join(fixed))
+
+    def _request_model(self, model_id: str, update: Update) -> None:
+        node = self.node
+        if not node.config.osc.allow_model_switch:
+            raise PermissionError("switching models is off; start the node with --allow-model-switch")
+        config = node.config.model_copy(update={"model": node.config.model.model_copy(update={"id": model_id})})
+        node.loader.request(LoadJob(config, update, node.live(), node.recent_input(), txt2img=node.txt2img))
+
+    def swap_in(self, new: Engine, job: LoadJob) -> None:
+        """Make a loaded engine the node's (engine thread, at a frame boundary). What changed since
+        it was prepared arrives as live updates; the engine that loses is closed in any case."""
+        node = self.node
+        old = node.engine
+        try:
+            _catch_up(new, job.state, node.live())
+        except BaseException:
+            new.close()
+            raise
+        try:
+            node.install_engine(new, job.config)
+        finally:
+            if old is not None:
+                old.close()
+        logger.info("model switched to %s", job.config.model.id)
+
+    # -- brushes
+
+    def apply_brush(self, value: tuple[int, str, Any], engine: Engine) -> None:
+        """One brush edit (index, BrushParams field or "clear", value): to the engine, or for
+        `shm`, to the mask-channel reader that feeds the engine the brush's plane."""
+        node = self.node
+        index, field_name, field_value = value
+        i = int(index)
+        limit = node.config.runtime.max_brushes
+        if not 0 <= i < limit:
+            raise ValueError(f"brush {index}: use 0..{limit - 1}")
+        channels = node.mask_channels
+        if field_name == "shm":
+            channels.bind(i, str(field_value))  # validates the URI before the engine changes
+            # Until the channel delivers this brush's plane, the brush paints nothing.
+            engine.update(brush=(i, "mask", None))
+        else:
+            engine.update(brush=(i, field_name, field_value))
+            if field_name in (*MASK_SOURCES, "clear"):
+                channels.unbind(i)
+
+    def setup_brushes(self, engine: Engine) -> None:
+        """The config's `[[brushes]]` onto the first engine, before the first frame; raises with the
+        brush's number when one cannot be applied (the start fails with the reason)."""
+        for i, brush in enumerate(self.node.config.brushes):
+            try:
+                for field_name, field_value in brush.model_dump(exclude_defaults=True).items():
+                    self.apply_brush((i, field_name, field_value), engine)
+            except Exception as e:
+                raise ValueError(f"brush {i}: {e}") from e
+
+    def _poll_masks(self) -> bool:
+        """Hand the engine the brush masks that changed in shm:// mask channels (a header read when
+        none did); True if any did."""
+        node = self.node
+        channels = node.mask_channels
+        if not channels:
+            return False
+        engine = node.engine
+        assert engine is not None
+        changed = False
+        for i, mask in channels.poll():
+            try:
+                engine.update(brush=(i, "mask", mask))
+                changed = True
+            except Exception as e:  # noqa: BLE001 - a bad plane is reported, never fatal
+                node.set_error(f"brush {i} mask: {e}")
+                if (held := self._log_limit(f"brush-mask:{i}")) is not None:
+                    logger.warning("brush %d: cannot use its shm mask: %s%s", i, e, held_text(held))
+        return changed
+
+
+def _catch_up(engine: Engine, prepared: LiveState, now: LiveState) -> None:
+    """Bring an engine prepared with `prepared` to `now`: live updates, brush by brush."""
+    for change in prepared.params.updates_to(now.params):
+        engine.update(**change)
+    for index in prepared.brush_order:
+        if index not in now.brushes:
+            engine.update(brush=(index, "clear", None))
+    for index in now.brush_order:
+        brush = now.brushes[index]
+        if prepared.brushes.get(index) != brush:
+            engine.update(brush=(index, brush.edit()))
+    if engine.live_params().brush_order != now.brush_order and now.brush_order:
+        engine.update(brush_order=now.brush_order)

@@ -1,0 +1,130 @@
+"""Loading another engine off the engine thread while the current one keeps serving frames.
+
+A `/model` (or a preset naming another model) asks for a new engine; a `model-loader` thread
+builds it with the node's engine factory, prepares it with the live state in force when the
+request was made (parameters, brushes, their order and masks), and warms it with one call on a
+recent input frame (the stream fill, lazy kernels, compiled graphs), so its first call on the
+engine thread costs no more than any other. The engine thread then takes the result at a frame
+boundary (`take()`), brings it up to date with whatever changed during the load, and swaps
+(node/engine_loop.py). One load at a time: a newer request supersedes a pending one, and an
+engine nobody will use is closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from streamnode.config import NodeConfig
+from streamnode.control.updates import Update
+from streamnode.engine import Engine
+from streamnode.live_params import LiveState
+from streamnode.node.build import EngineFactory
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadJob:
+    config: NodeConfig  # the config with the new model
+    update: Update  # the request, reported applied or failed when the load ends
+    state: LiveState  # the live state to prepare the new engine with
+    frame: np.ndarray | None  # a recent input to warm it with
+    txt2img: bool = False  # warm it with a txt2img call instead (no input; none yet: no warm call)
+
+
+@dataclass
+class Loaded:
+    job: LoadJob
+    engine: Engine | None
+    error: str = ""
+
+
+def replay(engine: Engine, state: LiveState) -> None:
+    """Put `state` onto a fresh engine: its parameters at once, then every brush in cover order."""
+    engine.prepare(state.params)
+    for index in state.brush_order:
+        engine.update(brush=(index, state.brushes[index].edit()))
+
+
+class ModelLoader:
+    """Builds engines on its own thread; the engine thread polls `take()` between frames."""
+
+    def __init__(self, factory: EngineFactory) -> None:
+        self._factory = factory
+        self._lock = threading.Lock()
+        self._next: LoadJob | None = None
+        self._done: list[Loaded] = []
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.loading: str | None = None  # the model id being loaded, for status()
+
+    def request(self, job: LoadJob) -> None:
+        """Start loading (or queue, replacing a queued request). Engine thread."""
+        with self._lock:
+            if self._closed:
+                return
+            if self._next is not None:
+                self._done.append(Loaded(self._next, None, f"superseded by {job.config.model.id!r}"))
+            self._next = job
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._work, name="model-loader", daemon=True)
+                self._thread.start()
+
+    def take(self) -> list[Loaded]:
+        """Finished loads (engines to swap in, or failures to report), oldest first. Engine thread."""
+        with self._lock:
+            done, self._done = self._done, []
+        return done
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                job, self._next = self._next, None
+                if job is None or self._closed:
+                    self.loading = None
+                    return
+                self.loading = job.config.model.id
+            result = self._load(job)
+            with self._lock:
+                superseded = self._next is not None
+                if self._closed or (superseded and result.engine is not None):
+                    if result.engine is not None:
+                        result.engine.close()
+                    result = Loaded(job, None, "superseded" if superseded else "the node is stopping")
+                self._done.append(result)
+
+    def _load(self, job: LoadJob) -> Loaded:
+        model = job.config.model.id
+        logger.info("loading model %s (the current one keeps streaming)", model)
+        try:
+            engine = self._factory(job.config)
+        except Exception as e:  # noqa: BLE001 - a model that will not load is reported, never fatal
+            logger.debug("model %s failed to load", model, exc_info=True)
+            return Loaded(job, None, str(e) or type(e).__name__)
+        try:
+            replay(engine, job.state)
+            if job.txt2img:
+                engine.txt2img()
+            elif job.frame is not None:
+                engine(job.frame)
+        except Exception as e:  # noqa: BLE001 - the new engine cannot take the show: keep the old one
+            logger.debug("model %s failed to warm up", model, exc_info=True)
+            engine.close()
+            return Loaded(job, None, f"cannot take over the live state: {e}")
+        return Loaded(job, engine)
+
+    def close(self, timeout: float) -> None:
+        """No more loads; an engine built meanwhile is closed. Waits up to `timeout` s."""
+        with self._lock:
+            self._closed = True
+            self._next = None
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        for result in self.take():
+            if result.engine is not None:
+                result.engine.close()
