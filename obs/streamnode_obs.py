@@ -301,12 +301,12 @@ def _tick() -> None:
                 outbox.resend_all(_values(_s.settings), now)
         for address, args in outbox.due(now, monitor):
             session.send(address, *args)
+        condition = monitor.condition(now)
+        if condition != _s.last_condition:  # state changes, not every second of silence
+            logger.info("streamnode: %s", condition)
+            _s.last_condition = condition
         if _s.switcher is not None:
             _s.switcher.step(monitor, now)
-        condition = monitor.condition(now)
-        if condition != _s.last_condition:
-            logger.info("streamnode: %s", condition)  # state changes, not every second of silence
-            _s.last_condition = condition
         summary = monitor.summary(now)
         if summary != _s.last_summary and _s.settings is not None:
             obs.obs_data_set_string(_s.settings, "status", summary)

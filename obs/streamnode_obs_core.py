@@ -713,17 +713,17 @@ class FallbackSwitcher:
     def step(self, monitor: NodeMonitor, now: float) -> str | None:
         """One watchdog step: ask OBS, decide, switch. Returns the scene switched to, or None."""
         try:
+            current = self.scenes.current()
+            self.obs_trouble.clear("OBS answers now")
             if self.scene_found is not True and now >= self._next_check:
                 self._next_check = now + self.recheck_s
                 self._check_scene()
-            current = self.scenes.current()
         except ObsUnavailable as e:
             self.obs_trouble.report(str(e))
             return None
         except Exception as e:  # noqa: BLE001 - OBS misbehaving must not stop the watchdog
-            self.obs_trouble.report(f"cannot read OBS's program scene: {e}")
+            self.obs_trouble.report(f"cannot ask OBS for its scenes: {type(e).__name__}: {e}")
             return None
-        self.obs_trouble.clear("OBS answers again")
         target = self.fallback.step(monitor.healthy(now), now, current)
         if target is None or target == current:
             return None
@@ -744,8 +744,10 @@ class FallbackSwitcher:
             self.fallback.switch_failed(target)
             self.obs_trouble.report(str(e) if isinstance(e, ObsUnavailable) else f"cannot switch OBS to {target!r}: {e}")
             return None
-        back = "back " if target != self.fallback.fallback_scene else ""
-        logger.info("streamnode: switched OBS %sto scene %r: %s", back, target, monitor.condition(now))
+        if target == self.fallback.fallback_scene:
+            logger.info("streamnode: switched OBS to the fallback scene %r", target)
+        else:
+            logger.info("streamnode: switched OBS back to scene %r", target)
         return target
 
 
@@ -793,8 +795,8 @@ class ObsWebsocketScenes:
             return (f"OBS at {where} refused {self._password_from}: check it against Tools → "
                     "WebSocket Server Settings → Show Connect Info")
         if isinstance(e, ConnectionRefusedError):
-            return (f"nothing answers at {where}: is OBS running, with Tools → WebSocket Server "
-                    "Settings → Enable WebSocket server ticked and this port?")
+            return (f"nothing answers at {where} (is OBS running, with Tools → WebSocket Server "
+                    "Settings → Enable WebSocket server ticked, on this port?)")
         if isinstance(e, TimeoutError) or "timed out" in text.lower():
             return f"OBS at {where} did not answer within {self._kwargs['timeout']:g} s"
         return f"cannot talk to OBS's websocket at {where}: {type(e).__name__}: {text or 'no reason given'}"
@@ -858,8 +860,8 @@ def watch(session: NodeSession, switcher: FallbackSwitcher, stop: Any, tick_s: f
     while not stop.wait(tick_s):
         now = time.monotonic()
         session.tick(now)
-        switcher.step(session.monitor, now)
         condition = session.monitor.condition(now)
-        if condition != last:
+        if condition != last:  # before the switch it causes, so the log reads in order
             logger.info("streamnode: %s", condition)
             last = condition
+        switcher.step(session.monitor, now)
