@@ -6,8 +6,10 @@ properties and sends each change to the node over OSC; shows the node's state (f
 heartbeat); optionally cuts to a fallback scene when the node stops and back when it returns.
 
 Everything except the OBS calls lives in streamnode_obs_core.py next to this file (plain
-Python, tested without OBS). Timers run on OBS's UI thread, so nothing here may block: the
-socket is non-blocking and polled every 100 ms.
+Python, tested without OBS). The timer runs on OBS's video thread (its per-frame tick; seen
+in OBS 29), so nothing in it may block: the socket is non-blocking and polled every 100 ms.
+Property callbacks run on the UI thread; what both touch (the outbox, the pending settings)
+is guarded by one lock, never held while calling into OBS.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -117,6 +120,7 @@ class _State:
     last_connects = 0
     value_errors: dict[str, str] = {}
     tick_trouble = Trouble()
+    lock = threading.Lock()
 
 
 _s = _State()
@@ -250,13 +254,16 @@ def script_update(settings: Any) -> None:
         return  # first call: the values are the baseline, not edits
     now = time.monotonic()
     assert _s.connection is not None and _s.fallback_settings is not None and _s.outbox is not None
-    _s.connection.offer(_connection(settings), now)
-    _s.fallback_settings.offer(_fallback_settings(settings), now)
-    _s.outbox.update(_values(settings), now)
-    for key, error in _s.outbox.errors.items():
+    conn, fallback, values = _connection(settings), _fallback_settings(settings), _values(settings)
+    with _s.lock:
+        _s.connection.offer(conn, now)
+        _s.fallback_settings.offer(fallback, now)
+        _s.outbox.update(values, now)
+        errors = dict(_s.outbox.errors)
+    for key, error in errors.items():
         if _s.value_errors.get(key) != error:
             logger.warning("streamnode: %s not sent: %s", key, error)
-    _s.value_errors = dict(_s.outbox.errors)
+    _s.value_errors = errors
 
 
 def script_unload() -> None:
@@ -287,10 +294,13 @@ def _tick() -> None:
         return
     now = time.monotonic()
     try:
-        if _s.connection.take(now):
-            _connect(_s.connection.value)
-        if _s.fallback_settings.take(now):
-            _configure_fallback(_s.fallback_settings.value)
+        with _s.lock:
+            new_connection = _s.connection.value if _s.connection.take(now) else None
+            new_fallback = _s.fallback_settings.value if _s.fallback_settings.take(now) else None
+        if new_connection is not None:
+            _connect(new_connection)
+        if new_fallback is not None:
+            _configure_fallback(new_fallback)
         session, outbox = _s.session, _s.outbox
         session.tick(now)
         monitor = session.monitor
@@ -298,8 +308,12 @@ def _tick() -> None:
             _s.last_connects = monitor.connects
             if _s.settings is not None and obs.obs_data_get_bool(_s.settings, "resend_on_restart"):
                 logger.info("streamnode: the node (re)appeared: sending it the panel's values")
-                outbox.resend_all(_values(_s.settings), now)
-        for address, args in outbox.due(now, monitor):
+                values = _values(_s.settings)
+                with _s.lock:
+                    outbox.resend_all(values, now)
+        with _s.lock:
+            due = outbox.due(now, monitor)
+        for address, args in due:
             session.send(address, *args)
         condition = monitor.condition(now)
         if condition != _s.last_condition:  # state changes, not every second of silence
@@ -326,5 +340,7 @@ def _on_refresh(props: Any, prop: Any) -> bool:
 
 def _on_send_all(props: Any, prop: Any) -> bool:
     if _s.outbox is not None and _s.settings is not None:
-        _s.outbox.resend_all(_values(_s.settings), time.monotonic())
+        values = _values(_s.settings)
+        with _s.lock:
+            _s.outbox.resend_all(values, time.monotonic())
     return False
