@@ -619,7 +619,7 @@ class SceneFallback:
       stands aside (`aside`) until the node has recovered, and then does not cut back. The
       next outage cuts again.
     - For `settle_s` after its own cut, OBS may still report the old scene (a transition is
-      running, or the switch is queued to OBS's UI thread): that is not the operator.
+      running, or OBS has not carried the switch out yet): that is not the operator.
     `step()` returns the scene to switch to, or None; the caller switches, and calls
     `switch_failed()` when it could not.
     """
