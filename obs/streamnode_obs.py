@@ -1,12 +1,15 @@
-"""streamnode control for OBS (Tools → Scripts → +). Needs OBS 28+ with Python set up.
+"""streamnode control for OBS (Tools → Scripts → +). Needs OBS 28+ with Python scripting
+(built in on Linux; on Windows and macOS set Tools → Scripts → Python Settings).
 
 Shows the node's prompt, negative prompt, guidance, strength, seed and preset as script
 properties and sends each change to the node over OSC; shows the node's state (from its
 heartbeat); optionally cuts to a fallback scene when the node stops and back when it returns.
 
 Everything except the OBS calls lives in streamnode_obs_core.py next to this file (plain
-Python, tested without OBS). Timers run on OBS's UI thread, so nothing here may block: the
-socket is non-blocking and polled every 100 ms.
+Python, tested without OBS). The timer runs on OBS's video thread (its per-frame tick; seen
+in OBS 29), so nothing in it may block: the socket is non-blocking and polled every 100 ms.
+Property callbacks run on the UI thread; what both touch (the outbox, the pending settings)
+is guarded by one lock, never held while calling into OBS.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -26,29 +30,46 @@ from streamnode_obs_core import (  # noqa: E402 - after the path fix above
     DEFAULT_NODE_PORT,
     DEFAULT_REPLY_PORT,
     SHIPPED_PRESETS,
+    FallbackSwitcher,
     NodeLink,
     NodeSession,
     Outbox,
     SceneFallback,
-    fallback_tick,
+    Settled,
+    Trouble,
 )
 
 TICK_MS = 100
-CONNECTION_KEYS = ("node_host", "node_port", "reply_port", "prefix")
-FALLBACK_KEYS = ("fallback_enabled", "fallback_scene", "fallback_restore")
+SETTLE_S = 1.0
+"""Connection and fallback settings take effect once they stop changing (typing a port)."""
+_HANDLER_NAME = "streamnode-obs-script-log"
 
 
 class _ScriptLog(logging.Handler):
-    """Our log lines in OBS's Script Log window (Tools → Scripts → Script Log)."""
+    """Our log lines in OBS's log and its Script Log window (Tools → Scripts → Script Log).
+
+    OBS 29 opens that window over everything for each LOG_WARNING line, so only problems the
+    operator must fix are warnings; routine news (node lost, node back) is info.
+    """
 
     def emit(self, record: logging.LogRecord) -> None:
         level = obs.LOG_WARNING if record.levelno >= logging.WARNING else obs.LOG_INFO
         obs.script_log(level, self.format(record))
 
 
+def _remove_log_handlers() -> None:
+    # By name, not class: reloading the script defines a new _ScriptLog class, and the logger
+    # (module `logging`) outlives the reload.
+    for handler in list(logger.handlers):
+        if handler.get_name() == _HANDLER_NAME:
+            logger.removeHandler(handler)
+
+
 logger = logging.getLogger("streamnode_obs")
-if not any(isinstance(h, _ScriptLog) for h in logger.handlers):
-    logger.addHandler(_ScriptLog())
+_remove_log_handlers()
+_handler = _ScriptLog()
+_handler.set_name(_HANDLER_NAME)
+logger.addHandler(_handler)
 logger.setLevel(logging.INFO)
 logger.propagate = False
 
@@ -89,12 +110,17 @@ class _State:
 
     settings: Any = None
     session: NodeSession | None = None
-    connection: tuple[Any, ...] | None = None
+    connection: Settled | None = None
     outbox: Outbox | None = None
-    fallback: SceneFallback | None = None
+    fallback_settings: Settled | None = None
+    switcher: FallbackSwitcher | None = None
     scenes = ObsFrontendScenes()
     last_summary = ""
+    last_condition = ""
     last_connects = 0
+    value_errors: dict[str, str] = {}
+    tick_trouble = Trouble()
+    lock = threading.Lock()
 
 
 _s = _State()
@@ -120,28 +146,36 @@ def _connection(settings: Any) -> tuple[Any, ...]:
             obs.obs_data_get_string(settings, "prefix").strip().rstrip("/"))
 
 
-def _connect(settings: Any) -> None:
-    host, port, reply_port, prefix = conn = _connection(settings)
+def _fallback_settings(settings: Any) -> tuple[bool, str, bool]:
+    return (obs.obs_data_get_bool(settings, "fallback_enabled"),
+            obs.obs_data_get_string(settings, "fallback_scene").strip(),
+            obs.obs_data_get_bool(settings, "fallback_restore"))
+
+
+def _connect(conn: tuple[Any, ...]) -> None:
+    host, port, reply_port, prefix = conn
     if _s.session is not None:
         _s.session.close()
     link = NodeLink(host, port, reply_port)
     if link.listen_error:
         logger.warning("streamnode: %s", link.listen_error)
     _s.session = NodeSession(link, prefix=prefix)
-    _s.connection = conn
+    _s.last_connects, _s.last_summary, _s.last_condition = 0, "", ""
     logger.info("streamnode: sending to %s:%d%s, replies on port %d", host, port,
                 f" with prefix {prefix}" if prefix else "", link.port)
 
 
-def _configure_fallback(settings: Any) -> None:
-    scene = obs.obs_data_get_string(settings, "fallback_scene").strip()
-    if not obs.obs_data_get_bool(settings, "fallback_enabled") or not scene:
-        _s.fallback = None
+def _configure_fallback(value: tuple[bool, str, bool]) -> None:
+    enabled, scene, restore = value
+    if not enabled or not scene:
+        _s.switcher = None
         return
-    restore = obs.obs_data_get_bool(settings, "fallback_restore")
-    old = _s.fallback
-    if old is None or old.fallback_scene != scene or old.restore != restore:
-        _s.fallback = SceneFallback(scene, restore=restore)
+    old = _s.switcher
+    if old is not None and old.fallback.fallback_scene == scene:
+        old.fallback.restore = restore  # same scene: keep what it knows about the outage
+        return
+    # A new switcher checks on its first step that OBS has the scene.
+    _s.switcher = FallbackSwitcher(SceneFallback(scene, restore=restore), _s.scenes)
 
 
 # -- OBS entry points ----------------------------------------------------------------------------
@@ -218,13 +252,18 @@ def script_load(settings: Any) -> None:
 def script_update(settings: Any) -> None:
     if _ensure(settings):
         return  # first call: the values are the baseline, not edits
-    if _connection(settings) != _s.connection:
-        _connect(settings)
-    _configure_fallback(settings)
-    assert _s.outbox is not None
-    _s.outbox.update(_values(settings), time.monotonic())
-    for key, error in _s.outbox.errors.items():
-        logger.warning("streamnode: %s not sent: %s", key, error)
+    now = time.monotonic()
+    assert _s.connection is not None and _s.fallback_settings is not None and _s.outbox is not None
+    conn, fallback, values = _connection(settings), _fallback_settings(settings), _values(settings)
+    with _s.lock:
+        _s.connection.offer(conn, now)
+        _s.fallback_settings.offer(fallback, now)
+        _s.outbox.update(values, now)
+        errors = dict(_s.outbox.errors)
+    for key, error in errors.items():
+        if _s.value_errors.get(key) != error:
+            logger.warning("streamnode: %s not sent: %s", key, error)
+    _s.value_errors = errors
 
 
 def script_unload() -> None:
@@ -232,6 +271,7 @@ def script_unload() -> None:
     if _s.session is not None:
         _s.session.close()
         _s.session = None
+    _remove_log_handlers()  # a reload adds a fresh one
 
 
 def _ensure(settings: Any) -> bool:
@@ -239,50 +279,68 @@ def _ensure(settings: Any) -> bool:
     _s.settings = settings
     if _s.session is not None:
         return False
-    _connect(settings)
+    conn = _connection(settings)
+    _s.connection = Settled(conn, SETTLE_S)
+    _connect(conn)
     _s.outbox = Outbox()
     _s.outbox.baseline(_values(settings))
-    _configure_fallback(settings)
+    _s.fallback_settings = Settled(_fallback_settings(settings), SETTLE_S)
+    _configure_fallback(_s.fallback_settings.value)
     return True
 
 
 def _tick() -> None:
-    session, outbox = _s.session, _s.outbox
-    if session is None or outbox is None:
+    if _s.session is None or _s.outbox is None or _s.connection is None or _s.fallback_settings is None:
         return
     now = time.monotonic()
     try:
+        with _s.lock:
+            new_connection = _s.connection.value if _s.connection.take(now) else None
+            new_fallback = _s.fallback_settings.value if _s.fallback_settings.take(now) else None
+        if new_connection is not None:
+            _connect(new_connection)
+        if new_fallback is not None:
+            _configure_fallback(new_fallback)
+        session, outbox = _s.session, _s.outbox
         session.tick(now)
         monitor = session.monitor
         if monitor.connects != _s.last_connects:
             _s.last_connects = monitor.connects
-            logger.info("streamnode: the node is answering")
             if _s.settings is not None and obs.obs_data_get_bool(_s.settings, "resend_on_restart"):
-                outbox.resend_all(_values(_s.settings), now)
-        for address, args in outbox.due(now):
+                logger.info("streamnode: the node (re)appeared: sending it the panel's values")
+                values = _values(_s.settings)
+                with _s.lock:
+                    outbox.resend_all(values, now)
+        with _s.lock:
+            due = outbox.due(now, monitor)
+        for address, args in due:
             session.send(address, *args)
-        if _s.fallback is not None:
-            fallback_tick(_s.fallback, monitor, _s.scenes, now)
+        condition = monitor.condition(now)
+        if condition != _s.last_condition:  # state changes, not every second of silence
+            logger.info("streamnode: %s", condition)
+            _s.last_condition = condition
+        if _s.switcher is not None:
+            _s.switcher.step(monitor, now)
         summary = monitor.summary(now)
-        if summary == _s.last_summary:
-            return
-        if summary.split(" · ")[0] != _s.last_summary.split(" · ")[0]:
-            logger.info("streamnode: %s", summary)  # log state changes, not every fps wiggle
-        _s.last_summary = summary
-        if _s.settings is not None:
+        if summary != _s.last_summary and _s.settings is not None:
             obs.obs_data_set_string(_s.settings, "status", summary)
-    except Exception:  # a timer that raises is never called again: log and keep ticking
-        logger.exception("streamnode: error in the OBS timer (still running)")
+        _s.last_summary = summary
+        _s.tick_trouble.clear("the OBS timer works again")
+    except Exception as e:  # a timer that raises is never called again: log (once) and keep ticking
+        _s.tick_trouble.report(f"error in the OBS timer (still running): {type(e).__name__}: {e}", exc_info=True)
 
 
 def _on_refresh(props: Any, prop: Any) -> bool:
-    status = obs.obs_properties_get(props, "status")
-    if status is not None:
-        obs.obs_property_set_description(status, f"Node: {_s.last_summary or 'no reply yet'}")
-    return True  # redraw the properties
+    # The label is "Node" beside the setting's value: write the value, and let OBS redraw.
+    if _s.settings is not None and _s.session is not None:
+        _s.last_summary = _s.session.monitor.summary(time.monotonic())
+        obs.obs_data_set_string(_s.settings, "status", _s.last_summary)
+    return True
 
 
 def _on_send_all(props: Any, prop: Any) -> bool:
     if _s.outbox is not None and _s.settings is not None:
-        _s.outbox.resend_all(_values(_s.settings), time.monotonic())
+        values = _values(_s.settings)
+        with _s.lock:
+            _s.outbox.resend_all(values, time.monotonic())
     return False

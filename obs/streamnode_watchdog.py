@@ -6,9 +6,10 @@
 Runs beside OBS (same machine or not). It listens for the node's heartbeat on the reply
 port; when no heartbeat has come for --timeout seconds, or the node reports a state other
 than streaming/paused, it switches OBS's program scene to --fallback-scene, and back to the
-scene it replaced once the node has streamed again for --recover seconds. The OBS password
-is read from the environment (OBS_WEBSOCKET_PASSWORD by default), never from the command
-line, where other users could see it.
+scene it replaced once the node has streamed again for --recover seconds. If the operator
+picks a scene during the outage, the watchdog leaves it alone until the node has recovered.
+The OBS password is read from the environment (OBS_WEBSOCKET_PASSWORD by default), never
+from the command line, where other users could see it.
 
 Inside OBS, streamnode_obs.py does the same without obs-websocket; use one or the other.
 """
@@ -25,6 +26,7 @@ from streamnode_obs_core import (
     DEFAULT_NODE_PORT,
     DEFAULT_REPLY_PORT,
     HEARTBEAT_TIMEOUT_S,
+    FallbackSwitcher,
     NodeLink,
     NodeMonitor,
     NodeSession,
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
-        scenes = ObsWebsocketScenes(args.obs_host, args.obs_port, os.environ.get(args.obs_password_env, ""))
+        scenes = ObsWebsocketScenes(args.obs_host, args.obs_port, os.environ.get(args.obs_password_env, ""),
+                                    password_from=f"the password in ${args.obs_password_env}")
     except RuntimeError as e:
         print(f"streamnode_watchdog: {e}", file=sys.stderr)
         return 2
@@ -74,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     fallback = SceneFallback(args.fallback_scene, restore=not args.no_restore, recover_s=args.recover,
                              arm_at_start=args.arm_at_start)
     print(f"streamnode_watchdog: watching {args.node_host}:{args.node_port} (replies on {link.port}); "
-          f"fallback scene {args.fallback_scene!r}. Ctrl+C to stop.", file=sys.stderr)
+          f"OBS at {scenes.where}, fallback scene {args.fallback_scene!r}. Ctrl+C to stop.", file=sys.stderr)
     stop = threading.Event()
     try:
-        watch(session, fallback, scenes, stop)
+        watch(session, FallbackSwitcher(fallback, scenes), stop)
     except KeyboardInterrupt:
         pass
     finally:
