@@ -5,7 +5,7 @@
    from the send to the first output frame that differs (the new prompt in use), and to the
    output settling again (the transition done). Target: the first frame that starts after
    the message arrives is already changed (1 frame), and it settles within the configured
-   /prompt/transition frames after that.
+   /prompt_transition frames after that.
 2. CHOP traffic cost: engine frames/s with 10,000 msgs/s of TouchDesigner-like OSC traffic
    (every numeric channel sent every cook, two of them moving) against the same traffic sent
    to a socket nobody reads (so the sender's own CPU use is in both). Interleaved rounds,
@@ -91,7 +91,7 @@ class EngineLoop:
                 if update.key in ENGINE_KEYS:
                     self.engine.update(**{update.key: update.value})
                 keys.append(update.key)
-                self.queue.applied(update)
+                self.queue.report(update)
             out = self.engine(self.frame)
             t1 = time.perf_counter()
             with self.lock:
@@ -127,7 +127,7 @@ class EngineLoop:
 
 def prompt_latency(loop: EngineLoop, port: int, trials: int, transition: int, frame_ms: float) -> list[dict[str, Any]]:
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sender.sendto(message("/prompt/transition", transition), ("127.0.0.1", port))
+    sender.sendto(message("/prompt_transition", transition), ("127.0.0.1", port))
     loop.wait_frames(2)
     results = []
     for k in range(trials):

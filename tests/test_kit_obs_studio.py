@@ -46,6 +46,11 @@ SCRIPT = ROOT / "obs" / "streamnode_obs.py"
 WATCHDOG = ROOT / "obs" / "streamnode_watchdog.py"
 
 PANEL = {"prompt": "a paper lantern festival", "guidance": 2.0, "preset": "demo"}
+# What the node then has in force: the panel's values over the preset's. The preset's one step
+# (demo: [35]) at the panel's strength 0.5 is index 25; a node started without the preset would
+# have two (its default [32, 45]). Once other values change, the node no longer reports the
+# preset as in force.
+IN_FORCE = {"prompt": "a paper lantern festival", "guidance": 2.0, "t_index": 25}
 """The script's panel in the scene collection; demo's own prompt and guidance differ."""
 SCENES = ("Live", "BRB", "Interview")
 OBS_PORT = 4455
@@ -93,9 +98,9 @@ def test_the_kit_in_a_real_obs() -> None:
     script_lines = r["script_log"]
     assert r["script_loaded"], context
     assert sum("sending to 127.0.0.1:7000, replies on port 7001" in line for line in script_lines) == 1, context
-    assert r["values_at_start"] == PANEL, context
+    assert r["values_at_start"] == IN_FORCE, context
     assert r["script_cut_s"] is not None and r["script_back_s"] is not None, context
-    assert r["values_after_restart"] == PANEL, context
+    assert r["values_after_restart"] == IN_FORCE, context
     assert sum("switched OBS to the fallback scene 'BRB'" in line for line in script_lines) == 1, context
     assert sum("switched OBS back to scene 'Live'" in line for line in script_lines) == 1, context
     assert sum("node silent" in line for line in script_lines) == 1, context
@@ -231,7 +236,7 @@ class _NodeObserver:
         self.sock.settimeout(0.05)
 
     def values(self) -> dict[str, Any]:
-        """prompt, guidance and preset from one full status reply ({} if none came)."""
+        """prompt, guidance and t_index from one full status reply ({} if none came)."""
         self.sock.sendto(b"/status\x00,\x00\x00\x00", ("127.0.0.1", NODE_S[0]))
         got: dict[str, Any] = {}
         end = time.monotonic() + 0.6
@@ -242,7 +247,7 @@ class _NodeObserver:
                 continue
             msg = self._parse(data)
             key = msg.address.removeprefix("/streamnode/applied/")
-            if key in PANEL and msg.params:
+            if key in IN_FORCE and msg.params:
                 value = msg.params[0]
                 got[key] = round(value, 3) if isinstance(value, float) else value
         return got
@@ -316,7 +321,7 @@ def _scenario() -> dict[str, Any]:
         # 1. The script: the panel's values reach node S when it appears, preset first.
         out["script_loaded"] = bool(_wait(lambda: any("Loaded python script: streamnode_obs.py" in line
                                                       for line in rig.log("obs")), 30))
-        out["values_at_start"] = _wait(lambda: (v := observer.values()) == PANEL and v, 20) or observer.values()
+        out["values_at_start"] = _wait(lambda: (v := observer.values()) == IN_FORCE and v, 20) or observer.values()
 
         # 2. The script's fallback: S dies → BRB; S returns → Live, and gets the panel again.
         _wait(lambda: any("fallback scene 'BRB' is ready" in line for line in rig.log("obs")), 10)
@@ -324,7 +329,7 @@ def _scenario() -> dict[str, Any]:
         out["script_cut_s"] = cut_to("BRB", 12)
         node_s = rig.node(NODE_S)
         out["script_back_s"] = cut_to("Live", 25)
-        out["values_after_restart"] = _wait(lambda: (v := observer.values()) == PANEL and v, 20) or observer.values()
+        out["values_after_restart"] = _wait(lambda: (v := observer.values()) == IN_FORCE and v, 20) or observer.values()
 
         # 3. The watchdog: connected (it retries every 5 s) and armed, then W dies.
         _wait(lambda: any("fallback scene 'BRB' is ready" in line for line in rig.log("watchdog"))

@@ -21,7 +21,6 @@ import re
 import struct
 import subprocess
 import sys
-import threading
 import time
 import types
 import uuid
@@ -33,11 +32,10 @@ import numpy as np
 import pytest
 from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
-from support import free_udp_port, load_script, wait_for
+from support import free_udp_port, load_script, small_config, wait_for
 
-from streamnode.config import OscConfig
-from streamnode.control.osc import OscServer
-from streamnode.control.updates import ControlQueue, Update
+from streamnode.control.updates import Update
+from streamnode.node import Node
 
 ROOT = Path(__file__).resolve().parent.parent
 TD = ROOT / "touchdesigner"
@@ -329,29 +327,21 @@ def test_status_table_from_the_live_node(node: NodeProcess) -> None:
 
 
 class LiveNode:
-    """The node's real OSC server (in-process, brushes and /model enabled) and an engine
-    stand-in that applies and echoes every update."""
+    """A real node (pass-through engine, brushes and /model enabled) with its OSC server: the
+    kit's messages go through the node's own validation, queue, apply and report."""
 
     def __init__(self, reply_port: int) -> None:
-        self.queue = ControlQueue()
         self.applied: list[Update] = []
-        self.server = OscServer(OscConfig(port=0, reply_port=reply_port, allow_model_switch=True), self.queue,
-                                lambda: {"state": "streaming"}, max_brushes=8)
-        self.server.start()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._engine, name="kit-td-engine", daemon=True)
-        self._thread.start()
-
-    def _engine(self) -> None:
-        while not self._stop.wait(0.005):
-            for u in self.queue.drain():
-                self.applied.append(u)
-                self.queue.applied(u)
+        cfg = small_config(**{"runtime.engine": "passthrough", "osc.enabled": True, "osc.port": 0,
+                              "osc.reply_port": reply_port, "osc.allow_model_switch": True})
+        self.node = Node(cfg)
+        self.node.queue.on_report(lambda u, error: error is None and self.applied.append(u))
+        self.node.start()
+        self.server = self.node._osc
+        wait_for(lambda: self.node.status()["state"] == "streaming", what="the node streaming")
 
     def close(self) -> None:
-        self.server.stop()
-        self._stop.set()
-        self._thread.join(2)
+        self.node.stop()
 
 
 @pytest.fixture
@@ -379,38 +369,57 @@ def example_value(entry: dict[str, Any], mask: str) -> Any:
         value = entry.get("default", (lo + hi) / 2)
         if entry.get("arg_count"):
             value = 0.25  # rect/circle parts: small enough to fit
-        return value + (1 if style == "Int" and value < hi else 0)  # differ from the default: no dedupe
+        if style == "Float":
+            return (value + hi) / 2 if value < hi else (lo + hi) / 2  # differ from the default
+        return value + (1 if value < hi else -1)
+    if entry["address"] == "/preset":
+        return "demo"  # a preset without brushes: the brushes below are the ones /brush/order orders
     if style == "StrMenu":
-        return entry["menu"][0]
+        return next(m for m in entry["menu"] if m != entry.get("default"))
     if style == "File":
         return mask
     if entry["address"] == "/model":
-        return "tiny"
+        return "another-model"  # the pass-through engine loads for any id
     return "a neon city at night"
 
 
 def test_every_parameter_of_the_generated_page_is_accepted(live: tuple[LiveNode, Any], tmp_path: Path) -> None:
     n, client = live
+    failed: list[tuple[Update, str]] = []
+    n.node.queue.on_report(lambda u, error: error is not None and failed.append((u, error)))
     mask = tmp_path / "mask.png"
-    mask.write_bytes(b"\x89PNG\r\n\x1a\n")  # the node checks the path exists and ends in .png
+    mask.write_bytes(b"\x89PNG\r\n\x1a\n")  # the pass-through engine checks the path, not the pixels
     params = control.ParamMap(json.loads((TD / "streamnode_params.json").read_text()), brushes=2)
     values = {name: example_value(e, str(mask)) for name, e in params.entries.items()}
-    sent = set()
+    messages: dict[str, list[Any]] = {}
     for name in params.entries:
         message = params.message(name, values.__getitem__)
         assert message is not None, name
-        if message[0] in sent:
-            continue  # the other parts of rect/circle: one message for the group
-        sent.add(message[0])
-        assert client.send(*[message[0], *message[1]])
-    queued = sent - {"/status"}  # /status is answered by the OSC server, not queued
+        messages.setdefault(message[0], message[1])  # the other parts of rect/circle: one message
+    # As a user would: the brushes first, then their order, and the clears last.
+    last = [a for a in messages if a == "/brush/order"] + [a for a in messages if a.endswith("/clear")]
+    for address in [a for a in messages if a not in last] + last:
+        assert client.send(address, *messages[address])
+        if address == "/brush/order":
+            try:
+                wait_for(lambda: n.node.live().brush_order == (1, 0), what="the order applied before the clears")
+            except AssertionError:
+                raise AssertionError(f"{n.node.live().brush_order}; failed: {failed}") from None
+    sent = set(messages)
+
+    def handled() -> bool:  # /status is answered by the OSC server; the rest applied or a repeat
+        stats = n.server.stats()
+        return stats["accepted"] + stats["deduped"] + stats["rejected"] >= len(sent)
+
     try:
-        wait_for(lambda: {u.origin for u in n.applied} >= queued, timeout=3)
+        wait_for(handled, timeout=5)
+        # /brush/N/enabled is sent on (1), which a new brush already is: a repeat, dropped.
+        repeats = {a for a in sent if a.endswith("/enabled")}
+        wait_for(lambda: {u.origin for u in n.applied} | {"/status"} >= sent - repeats, timeout=5)
     finally:
         errors = [args for a, args in client.poll() if a.endswith("/error") and args != [""]]
-        assert n.server.stats()["rejected"] == 0, errors
-    assert {u.origin for u in n.applied} == queued
-    assert "/brush/1/rect" in sent and "/status" in sent
+        assert n.server.stats()["rejected"] == 0 and not failed, (errors, failed)
+    assert "/brush/1/rect" in sent and "/status" in sent and "/model" in {u.origin for u in n.applied}
 
 
 def test_every_osc_map_example_is_accepted(live: tuple[LiveNode, Any]) -> None:
@@ -423,6 +432,16 @@ def test_every_osc_map_example_is_accepted(live: tuple[LiveNode, Any]) -> None:
         address, args = ast.literal_eval(call.args[0]), ast.literal_eval(call.args[1])
         if address.endswith("/mask"):
             continue  # an example path; the test above sends a real file
+        if address == "/brush/order":
+            # The example orders two brushes: have exactly those (the rows before it cleared brush 0,
+            # and the preset example brought its own).
+            others = [b for b in n.node.live().brush_order if b not in (0, 1)]
+            for b in others:
+                client.send(f"/brush/{b}/clear")
+            for b in (0, 1):
+                client.send(f"/brush/{b}/rect", 0.5 * b, 0.0, 0.5, 0.5)
+            sent += 2 + len(others)
+            wait_for(lambda: set(n.node.live().brushes) == {0, 1}, what="brushes 0 and 1")
         client.send(address, *args)
         sent += 1
     def handled() -> bool:
@@ -433,6 +452,7 @@ def test_every_osc_map_example_is_accepted(live: tuple[LiveNode, Any]) -> None:
     stats = n.server.stats()
     assert stats["rejected"] == 0, [args for a, args in client.poll() if a.endswith("/error")]
     assert stats["accepted"] + stats["deduped"] == sent
+    wait_for(lambda: n.node.live().brush_order == (1, 0), what="the example order in force")
 
 
 def test_param_map_turns_typed_lists_into_arguments() -> None:
@@ -440,7 +460,7 @@ def test_param_map_turns_typed_lists_into_arguments() -> None:
     v = {"Tindex": "20, 35 45", "Promptblend": "a cat: in rain:0.7 | dog:0.3", "Seedblend": "", "Preset": "",
          "Pause": True, "B0rectx": 0.1, "B0recty": 0.2, "B0rectw": 0.3, "B0recth": 0.4}
     assert params.message("Tindex", v.__getitem__) == ("/t_index", [20, 35, 45])
-    assert params.message("Promptblend", v.__getitem__) == ("/prompt/blend", ["a cat: in rain", 0.7, "dog", 0.3])
+    assert params.message("Promptblend", v.__getitem__) == ("/prompt_blend", ["a cat: in rain", 0.7, "dog", 0.3])
     assert params.message("Seedblend", v.__getitem__) is None
     assert params.message("Preset", v.__getitem__) is None  # no preset picked yet
     assert params.message("Pause", v.__getitem__) == ("/pause", [1])
@@ -502,7 +522,9 @@ def test_extension_sends_parameters_and_fills_the_status_table(live: tuple[LiveN
         def shown() -> bool:
             ext.Poll()
             rows = dict(tuple(r) for r in table.rows)
-            return rows.get("connected") == "1" and "applied/seed" in rows and "applied/t_index" in rows
+            # The full status reply to the extension's hello may come before the echoes: wait for them.
+            return rows.get("connected") == "1" and rows.get("applied/seed") == "99" and \
+                rows.get("applied/t_index") == "10 40" and rows.get("applied/guidance") == "2.25"
 
         wait_for(shown)
         rows = dict(tuple(r) for r in table.rows)

@@ -126,7 +126,6 @@ def test_bad_flags_exit_2_and_bad_uris_exit_1() -> None:
 @pytest.mark.slow
 def test_real_engine_end_to_end(tiny_model_path: Path) -> None:
     """test pattern → the StreamEngine on the tiny model (CPU) → shm, then SIGTERM."""
-    pytest.importorskip("streamnode.diffusion.stream")
     name = f"sn_eng{uuid.uuid4().hex[:8]}"
     proc = start_node("--source", "test://moving?fps=15", "--sink", f"shm://{name}", "--model", "tiny",
                       "--device", "cpu", "--accel", "eager", "--width", "64", "--height", "64", "--no-osc",

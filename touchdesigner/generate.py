@@ -156,6 +156,8 @@ def par_entries(param: Param) -> list[dict[str, Any]]:
         if arg.tag == "s":
             if param.address == "/preset":
                 entry.update(style="StrMenu", menu=shipped_presets(), default="")
+            elif arg.choices:
+                entry.update(style="StrMenu", menu=list(arg.choices), default=default or arg.choices[0])
             elif param.address.endswith("/mask"):
                 entry.update(style="File", default="")
             else:

@@ -46,7 +46,7 @@ class ControlQueue:
 
     A control surface that sends the same channel every cook would otherwise fill the queue:
     a newer update for the same key replaces the pending one, so the engine applies at most one
-    value per key per frame, in the order keys were first queued.
+    value per key per frame, in the order the values in force arrived.
     """
 
     def __init__(self) -> None:
@@ -57,9 +57,11 @@ class ControlQueue:
 
     def put(self, update: Update) -> None:
         with self._lock:
-            if update.slot in self._pending:
+            # A newer value replaces the waiting one and takes its turn at the end: updates apply
+            # in the order their values arrived (a preset, then a prompt sent after it: the prompt
+            # stays; a brush cleared, then painted again: it exists).
+            if self._pending.pop(update.slot, None) is not None:
                 self.replaced += 1
-            # Reassigning keeps the slot's first-queued position in the dict's order.
             self._pending[update.slot] = update
 
     def drain(self) -> list[Update]:

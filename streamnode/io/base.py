@@ -368,7 +368,9 @@ class Retry:
         else:
             self.log.debug("%s: attempt %d failed: %s", self.what, self.attempts + 1, message)
         self._last_message = message
-        delay = min(self.longest, self.first * 2**self.attempts)
+        # The exponent is capped: 2**1024 is beyond a float, and a camera unplugged for a long
+        # break fails that many times (about 77 minutes at 5 s).
+        delay = min(self.longest, self.first * 2.0 ** min(self.attempts, 32))
         # Jitter: several nodes waiting for the same sender do not retry in lockstep.
         self.next_at = now + delay * random.uniform(0.8, 1.0)
         self.attempts += 1

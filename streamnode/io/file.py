@@ -164,7 +164,10 @@ class FileSink(Transport):
             )
         self.codec = codec or VIDEO_CODECS.get(suffix, "")
         self.image_ext = image_ext
-        self.frames = 0
+        self.frames = 0  # frames written since the sink was created (image numbers go on after a reopen)
+        self._part = 0  # video part files opened
+        self._part_frames = 0  # frames in the current part
+        self.files: list[Path] = []  # the video files written, in order
         self._writer: cv2.VideoWriter | None = None
         self._bgr = np.zeros((height, width, 3), np.uint8)
 
@@ -182,23 +185,35 @@ class FileSink(Transport):
                    realtime=options.realtime)
 
     def open(self) -> None:
+        """Start writing. Opened again after a failure, it never loses what it wrote: numbered
+        images go on from the next number, and a video goes on in a new part file
+        (`out.part2.mp4`, …: a finished MP4 cannot be appended to)."""
         self.close()
-        self.frames = 0
         self._slots = 0
         if self.as_images:
             self.path.mkdir(parents=True, exist_ok=True)
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._part == 0 or self._part_frames:
+            self._part += 1  # a part that holds frames is kept; an empty one is simply rewritten
+        self._part_frames = 0
+        path = self.path if self._part == 1 else self.path.with_name(f"{self.path.stem}.part{self._part}{self.path.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = cv2.VideoWriter(
-            str(self.path), cv2.VideoWriter_fourcc(*self.codec), self.fps_out, (self.width, self.height)
+            str(path), cv2.VideoWriter_fourcc(*self.codec), self.fps_out, (self.width, self.height)
         )
         if not self._writer.isOpened():
             self._writer = None
             raise TransportError(
-                f"{self.uri}: OpenCV cannot write {self.path} with codec {self.codec}; "
+                f"{self.uri}: OpenCV cannot write {path} with codec {self.codec}; "
                 "try another container (.mp4, .avi) or ?codec="
             )
-        logger.info("%s: writing %dx%d at %.3g fps (%s)", self.uri, self.width, self.height, self.fps_out, self.codec)
+        if path not in self.files:
+            self.files.append(path)
+        if self._part == 1:
+            logger.info("%s: writing %dx%d at %.3g fps (%s)", self.uri, self.width, self.height, self.fps_out,
+                        self.codec)
+        else:
+            logger.warning("%s: reopened after a failure; the recording goes on in %s", self.uri, path.name)
 
     def send(self, frame: Frame) -> None:
         image = frame.image
@@ -214,6 +229,7 @@ class FileSink(Transport):
             assert self._writer is not None, "send() before open()"
             for _ in range(self._repeats()):
                 self._writer.write(self._bgr)
+            self._part_frames += 1
         self.frames += 1
 
     def _repeats(self) -> int:

@@ -1,0 +1,173 @@
+"""A model switch under load: the longest gap in the output, measured where a consumer sees it.
+
+The node runs for real on the tiny model (the demo's 256², one step): test pattern in,
+`shm://` out, OSC on. A reader in another process (streamnode's own ShmSource, as TouchDesigner
+or OBS would read the segment) stamps every new frame. After a few seconds of streaming a
+`/model` message asks for the tiny model again from its folder (a real load from disk: weights,
+text encoding of the live prompts, the warm-up call), and the script reports:
+
+- the slowest engine call in the seconds before the switch (the engine's own calls, timed);
+- the longest gap between two frames the reader got, from the /model message until 2 s after
+  the swap, and the same over the seconds before the switch for comparison;
+- how long the load took, and how many frames came out while it ran.
+
+The goal (issue "One live-parameter schema…"): no gap during a switch longer than the slowest
+engine call before it. Prints JSON; --out writes it too.
+
+    python benchmarks/model_switch.py --out benchmarks/results/model_switch.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pythonosc.udp_client import SimpleUDPClient  # noqa: E402
+
+from streamnode.config import NodeConfig, load_config  # noqa: E402
+from streamnode.diffusion.tiny import ensure_tiny_model  # noqa: E402
+from streamnode.engine import Engine  # noqa: E402
+from streamnode.node import Node, build_engine  # noqa: E402
+
+READER = textwrap.dedent("""
+    import sys, time
+    from streamnode.io.shm import ShmSource
+    src = ShmSource(sys.argv[1])
+    deadline = time.monotonic() + float(sys.argv[2])
+    while True:
+        try:
+            src.open()
+            break
+        except Exception:
+            time.sleep(0.05)
+    while time.monotonic() < deadline:
+        if src.read(0.05) is not None:
+            print(time.monotonic(), flush=True)
+    src.close()
+""")
+
+
+class TimedEngines:
+    """The node's own engine builder, timing every call of every engine it builds."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, float]] = []  # (end time, seconds)
+        self.engines: list[Engine] = []
+
+    def __call__(self, config: NodeConfig) -> Engine:
+        engine = build_engine(config)
+        call = engine.__class__.__call__
+
+        def timed(image: Any) -> Any:
+            t0 = time.monotonic()
+            out = call(engine, image)
+            self.calls.append((time.monotonic(), time.monotonic() - t0))
+            return out
+
+        self.engines.append(engine)
+        return _Timed(engine, timed)
+
+
+class _Timed:
+    """The engine, called through the timing wrapper (the node calls `engine(image)`)."""
+
+    def __init__(self, engine: Engine, timed: Any) -> None:
+        self._engine, self._timed = engine, timed
+
+    def __call__(self, image: Any) -> Any:
+        return self._timed(image)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
+def measure(size: int, before_s: float, after_s: float) -> dict[str, Any]:
+    folder = str(ensure_tiny_model())
+    segment = f"sn_switch{uuid.uuid4().hex[:6]}"
+    cfg = load_config(preset="demo", overrides={
+        "sinks": [f"shm://{segment}"], "stream.width": size, "stream.height": size, "runtime.duration": None,
+        "osc.enabled": True, "osc.port": 0, "osc.allow_model_switch": True, "model.accel": "eager",
+    })
+    timed = TimedEngines()
+    node = Node(cfg, engine_factory=timed)
+    node.start()
+    reader = None
+    try:
+        deadline = time.monotonic() + 120
+        while node.status()["state"] != "streaming":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the node did not stream: {node.status()['error']}")
+            time.sleep(0.05)
+        reader = subprocess.Popen([sys.executable, "-c", READER, segment, str(before_s + after_s + 60)],
+                                  stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        time.sleep(before_s)
+        t_request = time.monotonic()
+        SimpleUDPClient("127.0.0.1", node.osc_port).send_message("/model", folder)
+        while node.config.model.id != folder:
+            if time.monotonic() > t_request + 120:
+                raise RuntimeError(f"the switch did not happen: {node.status()['error']}")
+            time.sleep(0.005)
+        t_swap = time.monotonic()
+        time.sleep(after_s)
+    finally:
+        node.stop()
+        if reader is not None:
+            reader.terminate()
+    stamps = [float(line) for line in reader.stdout.read().split()] if reader is not None else []  # type: ignore[union-attr]
+
+    def longest_gap(t0: float, t1: float) -> float:
+        inside = [t for t in stamps if t0 <= t <= t1]
+        return max((b - a for a, b in zip(inside, inside[1:], strict=False)), default=float("nan"))
+
+    calls_before = [s for end, s in timed.calls if t_request - before_s <= end <= t_request]
+    switch_gap = longest_gap(t_request, t_swap + 2.0)
+    slowest = max(calls_before)
+    return {
+        "size": size,
+        "frames_read": len(stamps),
+        "load_s": round(t_swap - t_request, 3),
+        "frames_during_load": len([t for t in stamps if t_request <= t <= t_swap]),
+        "slowest_engine_call_before_ms": round(slowest * 1e3, 1),
+        "median_engine_call_before_ms": round(sorted(calls_before)[len(calls_before) // 2] * 1e3, 1),
+        "longest_gap_before_ms": round(longest_gap(t_request - before_s + 1.0, t_request) * 1e3, 1),
+        "longest_gap_during_switch_ms": round(switch_gap * 1e3, 1),
+        "gap_over_slowest_call": round(switch_gap / slowest, 2),
+        "ok": switch_gap <= slowest,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--before", type=float, default=6.0, help="seconds of streaming before the switch")
+    parser.add_argument("--after", type=float, default=3.0, help="seconds after the swap")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    runs = [measure(args.size, args.before, args.after) for _ in range(args.runs)]
+    result = {
+        "benchmark": "model_switch",
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "runs": runs,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
