@@ -21,6 +21,7 @@ A leaf module: it imports nothing from streamnode, so every layer may use it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,7 +29,16 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 NUM_TRAIN_TIMESTEPS_LCM = 50
 """t_index values address the LCM schedule of 50 train-spaced steps (DESIGN.md)."""
@@ -54,11 +64,44 @@ def osc(address: str, **extra: Any) -> dict[str, Any]:
     return {"osc": address, **extra}
 
 
+def _increasing(v: tuple[int, ...]) -> tuple[int, ...]:
+    if any(b <= a for a, b in zip(v[:-1], v[1:], strict=True)):
+        raise ValueError("indices must be strictly increasing, e.g. [32, 45]")
+    return v
+
+
+def _weights_positive(pairs: tuple[tuple[Any, float], ...]) -> tuple[tuple[Any, float], ...]:
+    if sum(w for _, w in pairs) <= 0.0:
+        raise ValueError("the weights must not all be 0")
+    return pairs
+
+
+def _png(v: str) -> str:
+    if not v.lower().endswith(".png"):
+        raise ValueError("must be a .png file path (shared-memory masks go in `shm`)")
+    return v
+
+
+def _shm_uri(v: str) -> str:
+    name, _, query = v.removeprefix("shm://").partition("?")
+    plane = query.removeprefix("plane=")
+    if not v.startswith("shm://") or not name or (query and not (query.startswith("plane=") and plane.isdigit())):
+        raise ValueError("must be shm://NAME or shm://NAME?plane=K, e.g. shm://sn_masks")
+    return v
+
+
+# Every rule of a field lives in its type, so one field can be checked alone (`check_field`: the
+# OSC edge) exactly as the whole model checks it.
 Text = Annotated[str, Field(max_length=MAX_TEXT, title="prompt")]
 Weight = Annotated[float, Field(ge=0.0, le=1.0, title="weight")]
 SeedValue = Annotated[int, Field(ge=0, le=MAX_SEED, title="seed")]
 TIndex = Annotated[int, Field(ge=0, le=NUM_TRAIN_TIMESTEPS_LCM - 1)]
 Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+Indices = Annotated[tuple[TIndex, ...], AfterValidator(_increasing)]
+PromptBlend = Annotated[tuple[tuple[Text, Weight], ...], AfterValidator(_weights_positive)]
+SeedBlend = Annotated[tuple[tuple[SeedValue, Weight], ...], AfterValidator(_weights_positive)]
+PngPath = Annotated[str, AfterValidator(_png)]
+ShmUri = Annotated[str, AfterValidator(_shm_uri)]
 
 
 def strength_to_t_index(strength: float, steps: int) -> list[int]:
@@ -95,11 +138,6 @@ def _no_bools(value: Any, info: Any) -> Any:
     return value
 
 
-def _weights_positive(pairs: tuple[tuple[Any, float], ...] | None, what: str) -> None:
-    if pairs is not None and sum(w for _, w in pairs) <= 0.0:
-        raise ValueError(f"{what}: the weights must not all be 0")
-
-
 class LiveParams(_Frozen):
     """The engine's live parameters: what `update()` takes and a `LiveState` reports in force."""
 
@@ -107,7 +145,7 @@ class LiveParams(_Frozen):
         "", max_length=MAX_TEXT, json_schema_extra=osc("/prompt"),
         description="Positive prompt; blends in over prompt_transition_frames frames.",
     )
-    prompt_blend: tuple[tuple[Text, Weight], ...] | None = Field(
+    prompt_blend: PromptBlend | None = Field(
         None, min_length=1, max_length=MAX_BLEND, json_schema_extra=osc("/prompt_blend"),
         description="Weighted mix of prompts (replaces the prompt): prompt weight prompt weight …",
     )
@@ -128,7 +166,7 @@ class LiveParams(_Frozen):
         description="Guidance scale g (≤ 1 means no guidance).",
     )
     delta: float = Field(1.0, ge=0.0, le=5.0, json_schema_extra=osc("/delta"), description="Residual CFG delta.")
-    t_index_list: tuple[TIndex, ...] = Field(
+    t_index_list: Indices = Field(
         (32, 45), min_length=1, max_length=MAX_STEPS, json_schema_extra=osc("/t_index"),
         description="Denoising steps as LCM schedule indices, strictly increasing; refreshes the stream buffer.",
     )
@@ -141,7 +179,7 @@ class LiveParams(_Frozen):
         2, ge=0, le=MAX_SEED, json_schema_extra=osc("/seed"),
         description="Noise seed; refreshes the stream buffer. Above 2147483647 send h (int64) or d.",
     )
-    seed_blend: tuple[tuple[SeedValue, Weight], ...] | None = Field(
+    seed_blend: SeedBlend | None = Field(
         None, min_length=1, max_length=MAX_BLEND, json_schema_extra=osc("/seed_blend"),
         description="Weighted mix of seeds' noises (replaces the seed): seed weight …",
     )
@@ -172,17 +210,8 @@ class LiveParams(_Frozen):
                 data[a] = cls.model_fields[a].default  # neither: the default single value
         return data
 
-    @field_validator("t_index_list")
-    @classmethod
-    def _increasing(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if any(b <= a for a, b in zip(v[:-1], v[1:], strict=True)):
-            raise ValueError("indices must be strictly increasing, e.g. [32, 45]")
-        return v
-
     @model_validator(mode="after")
     def _derived(self) -> LiveParams:
-        _weights_positive(self.prompt_blend, "prompt_blend")
-        _weights_positive(self.seed_blend, "seed_blend")
         if self.strength is not None:
             # strength keeps T = len(t_index_list) and picks the indices.
             indices = tuple(strength_to_t_index(self.strength, len(self.t_index_list)))
@@ -271,6 +300,25 @@ class LiveParams(_Frozen):
 
 EXCLUSIVE: tuple[tuple[str, str], ...] = (("prompt", "prompt_blend"), ("seed", "seed_blend"), ("t_index_list", "strength"))
 """Pairs of fields that set the same state: giving one replaces the other."""
+
+
+@functools.cache
+def _field_adapter(model: type[BaseModel], name: str) -> TypeAdapter[Any]:
+    info = model.model_fields[name]
+    return TypeAdapter(Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation)
+
+
+def check_field(model: type[BaseModel], name: str, value: Any) -> Any:
+    """One field checked alone, as `model` checks it (its type carries every rule): the value
+    converted, or ValueError in the words of `validated()`. A few µs, for the OSC edge."""
+    try:
+        return _field_adapter(model, name).validate_python(value)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            err = {**err, "loc": (name, *err["loc"])}
+            problems.append(f"{name} = {value!r:.200} is not valid: {explain(err, model)}")
+        raise ValueError(problems[0]) from None
 
 
 def validated(model: type[_Frozen], data: Mapping[str, Any]) -> Any:
@@ -443,39 +491,15 @@ class BrushParams(_Frozen):
         None, json_schema_extra=osc("/brush/N/circle", arg_names=("x", "y", "r")),
         description="Brush N mask: circle x y r, normalised 0..1; r is a fraction of the shorter frame side.",
     )
-    mask: str | None = Field(
+    mask: PngPath | None = Field(
         None, max_length=MAX_TEXT, json_schema_extra=osc("/brush/N/mask"),
         description="Brush N mask from a PNG file path (white or opaque = inside).",
     )
-    shm: str | None = Field(
+    shm: ShmUri | None = Field(
         None, max_length=MAX_TEXT, json_schema_extra=osc("/brush/N/shm"),
         description="Brush N mask from a shm:// mask channel (docs/shm-format.md), e.g. shm://masks?plane=2; "
         "plane = the brush's number unless ?plane=K.",
     )
-
-    @field_validator("rect", "circle")
-    @classmethod
-    def _normalised(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
-        if v is not None and any(not 0.0 <= x <= 1.0 for x in v):
-            raise ValueError("coordinates are normalised: every value must be in 0..1")
-        return v
-
-    @field_validator("mask")
-    @classmethod
-    def _png(cls, v: str | None) -> str | None:
-        if v is not None and not v.lower().endswith(".png"):
-            raise ValueError("must be a .png file path (shared-memory masks go in `shm`)")
-        return v
-
-    @field_validator("shm")
-    @classmethod
-    def _shm_uri(cls, v: str | None) -> str | None:
-        if v is not None:
-            name, _, query = v.removeprefix("shm://").partition("?")
-            plane = query.removeprefix("plane=")
-            if not v.startswith("shm://") or not name or (query and not (query.startswith("plane=") and plane.isdigit())):
-                raise ValueError("must be shm://NAME or shm://NAME?plane=K, e.g. shm://sn_masks")
-        return v
 
     @model_validator(mode="after")
     def _one_mask_source(self) -> BrushParams:

@@ -51,7 +51,7 @@ from streamnode.live_params import (
     LiveParams,
     LiveState,
     NodeParams,
-    validated,
+    check_field,
 )
 from streamnode.log_limit import LogLimiter
 
@@ -208,11 +208,10 @@ class Param:
             if self.finish:
                 value = self.finish(value)
             if self.schema is not None:
-                # The schema's own rules (strictly increasing indices, weights not all 0, one mask
-                # source…), so OSC, presets and the engine refuse exactly the same values.
-                name = self.field or self.key or ""
+                # The schema's own rules (strictly increasing indices, weights not all 0, a mask
+                # that is a .png…), so OSC, presets and the engine refuse exactly the same values.
                 try:
-                    validated(self.schema, {name: value})
+                    check_field(self.schema, self.field or self.key or "", value)
                 except ValueError as e:
                     raise OscReject(str(e)) from None
             return value
@@ -360,6 +359,8 @@ def _from_field(model: type[BaseModel], name: str, *, key: str, field: str | Non
     extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
     address = str(extra["osc"])
     annotation = _strip(info.annotation)
+    if get_origin(annotation) is Annotated and get_origin(get_args(annotation)[0]) is tuple:
+        annotation = get_args(annotation)[0]  # a list type with its own rule (validators run in check_field)
     c = _constraints(list(info.metadata))
     repeat = (1, 1)
     finish: Callable[[Any], Any] | None = bool if annotation is bool else None
