@@ -88,7 +88,11 @@ class ModelLoader:
                     self.loading = None
                     return
                 self.loading = job.config.model.id
-            result = self._load(job)
+            try:
+                result = self._load(job)
+            except Exception as e:  # noqa: BLE001 - a bug here must still end in a report, not a silent thread
+                logger.exception("model-loader failed")
+                result = Loaded(job, None, f"the loader failed: {e}")
             with self._lock:
                 superseded = self._next is not None
                 if self._closed or (superseded and result.engine is not None):
