@@ -146,7 +146,7 @@ def build_engine(config: NodeConfig, progress: Callable[[Any], None] | None = No
     if config.runtime.engine == "passthrough":
         engine: Any = PassThroughEngine(s.width, s.height)
     else:
-        from streamnode.accel import accelerate
+        from streamnode.accel import accelerate_with_config
         from streamnode.diffusion.stream import StreamEngine
 
         engine = StreamEngine.from_pretrained(
@@ -155,8 +155,7 @@ def build_engine(config: NodeConfig, progress: Callable[[Any], None] | None = No
             use_tiny_vae=m.use_tiny_vae, tiny_vae=m.tiny_vae, lcm_lora=m.lcm_lora, seed=s.seed,
             cpu_threads=m.cpu_threads, max_brushes=config.runtime.max_brushes,
         )
-        accelerate(engine, m.accel, allow_build=m.allow_build, progress=progress, min_size=m.engine_min_size,
-                   max_size=m.engine_max_size, max_batch=m.engine_max_batch)
+        accelerate_with_config(engine, m, progress=progress)
     engine.prepare(prompt=s.prompt, negative_prompt=s.negative_prompt, guidance_scale=s.guidance_scale, delta=s.delta)
     rest = {k: v for k, v in stream_values(s).items()
             if k not in ("prompt", "negative_prompt", "guidance_scale", "delta", "t_index_list", "seed")}
@@ -1125,8 +1124,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--engine", choices=("stream", "passthrough"),
                    help="stream: diffusion (default); passthrough: no model, input resized to the output")
     g.add_argument("--model", help="hub id, diffusers folder, .safetensors file, or 'tiny'")
-    g.add_argument("--accel", choices=("auto", "eager", "compile", "tensorrt"))
-    g.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
+    g.add_argument("--accel", choices=("auto", "eager", "compile", "tensorrt", "openvino"))
+    g.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps; with --accel openvino: CPU, GPU, GPU.N, NPU")
     g = parser.add_argument_group("control")
     g.add_argument("--osc-host", help="address to listen on for OSC (default 127.0.0.1)")
     g.add_argument("--osc-port", type=int, help="UDP port for OSC (default 7000; 0 picks one)")

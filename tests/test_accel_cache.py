@@ -35,9 +35,9 @@ def _key(**kw: object) -> EngineKey:
         vae_kind="taesd",
         profile=_profile(),
         dtype="float16",
-        trt_version="10.13.0",
-        gpu_name="NVIDIA H100 80GB HBM3",
-        compute_capability="9.0",
+        runtime_version="10.13.0",
+        device_name="NVIDIA H100 80GB HBM3",
+        device_detail="9.0",
     )
     base.update(kw)
     return EngineKey(**base)  # type: ignore[arg-type]
@@ -52,10 +52,11 @@ FIELD_CHANGES = {
     "vae_kind": "full",
     "profile": _profile(max_size=768),
     "dtype": "bfloat16",
-    "trt_version": "11.4.0",
-    "gpu_name": "NVIDIA GeForce RTX 4090",
-    "compute_capability": "8.9",
+    "runtime_version": "11.4.0",
+    "device_name": "NVIDIA GeForce RTX 4090",
+    "device_detail": "8.9",
     "format_version": ENGINE_FORMAT_VERSION + 1,
+    "runtime": "openvino",
 }
 
 
@@ -172,7 +173,7 @@ def test_corrupt_or_mismatched_files_are_rejected_and_rebuilt(tmp_path: Path, da
         sidecar.write_text("{not json")
     elif damage == "edit_key":
         meta = json.loads(sidecar.read_text())
-        meta["key"]["gpu_name"] = "NVIDIA GeForce RTX 3060"  # e.g. a cache folder copied between machines
+        meta["key"]["device_name"] = "NVIDIA GeForce RTX 3060"  # e.g. a cache folder copied between machines
         sidecar.write_text(json.dumps(meta))
     elif damage == "drop_plan":
         plan.unlink()

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from streamnode.config import is_openvino_device
 from streamnode.diffusion.tiny import MODEL_MAX_LENGTH, ensure_tiny_model
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,10 @@ class ModelComponents:
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
+    """The PyTorch device for `model.device`. An OpenVINO device (CPU, GPU, NPU) keeps the PyTorch
+    model on the CPU: OpenVINO compiles from it, and it serves any call OpenVINO cannot take."""
+    if is_openvino_device(spec):
+        return torch.device("cpu")
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
