@@ -147,13 +147,14 @@ def build_engine(config: NodeConfig, progress: Callable[[Any], None] | None = No
         engine: Any = PassThroughEngine(s.width, s.height)
     else:
         from streamnode.accel import accelerate_with_config
+        from streamnode.diffusion.models import node_cpu_threads
         from streamnode.diffusion.stream import StreamEngine
 
         engine = StreamEngine.from_pretrained(
             m.id, t_index_list=s.t_index_list, width=s.width, height=s.height,
             frame_buffer_size=s.frame_buffer_size, cfg_type=s.cfg_type, device=m.device, dtype=m.dtype,
             use_tiny_vae=m.use_tiny_vae, tiny_vae=m.tiny_vae, lcm_lora=m.lcm_lora, seed=s.seed,
-            cpu_threads=m.cpu_threads, max_brushes=config.runtime.max_brushes,
+            cpu_threads=m.cpu_threads or node_cpu_threads(), max_brushes=config.runtime.max_brushes,
         )
         accelerate_with_config(engine, m, progress=progress)
     engine.prepare(prompt=s.prompt, negative_prompt=s.negative_prompt, guidance_scale=s.guidance_scale, delta=s.delta)

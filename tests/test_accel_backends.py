@@ -295,6 +295,7 @@ def test_progress_lines_show_fraction_and_time_left() -> None:
 
 def test_accelerate_with_config_passes_the_model_section(engine, monkeypatch) -> None:  # noqa: ANN001
     from streamnode.config import load_config
+    from streamnode.diffusion.models import node_cpu_threads
 
     seen = {}
     monkeypatch.setattr(accel, "accelerate", lambda eng, mode, **kw: seen.update(mode=mode, **kw) or "eager")
@@ -302,7 +303,7 @@ def test_accelerate_with_config_passes_the_model_section(engine, monkeypatch) ->
     assert accel.accelerate_with_config(engine, model) == "eager"
     assert seen == {"mode": "tensorrt", "allow_build": False, "progress": None, "min_size": 256,
                     "max_size": 768, "max_batch": None, "openvino_device": None, "openvino_precision": "auto",
-                    "threads": None}
+                    "threads": node_cpu_threads()}
     model = load_config(sets=["model.accel=openvino", "model.device=GPU.1", "model.openvino_precision=fp16",
                               "model.cpu_threads=3"]).model
     accel.accelerate_with_config(engine, model)

@@ -343,3 +343,19 @@ def test_trt_profile_shapes_and_run_time_acceptance() -> None:
     assert "batch 9" in accepts["unet_call"](torch.zeros(9, 4, 64, 64), t, None)
     assert "outside the engine range" in accepts["vae_encode"](torch.zeros(1, 3, 1280, 512))
     assert "multiple of 64" in accepts["vae_decode"](torch.zeros(1, 4, 90, 160))
+
+
+def test_an_openvino_model_serves_only_its_own_shape(tmp_path: Path) -> None:
+    """OpenVINO models are compiled static: a 'wider' entry is another shape, never a match."""
+    cache = EngineCache(tmp_path)
+    exact = _profile(min_batch=2, opt_batch=2, max_batch=2, vae_max_batch=1, min_size=512, max_size=512)
+    want = _key(runtime="openvino", profile=exact)
+    wider = dataclasses.replace(want, profile=_profile(min_batch=1, opt_batch=2, max_batch=4))
+    cache.store(wider, b"a model compiled for other shapes")
+    assert cache.find(want) is None
+    assert "compiled for" in (want.mismatch(wider) or "")
+    cache.store(want, b"the model for this shape")
+    found = cache.find(want)
+    assert found is not None and found.key == want
+    # The same digest never crosses runtimes: a TensorRT key with that profile is another entry.
+    assert dataclasses.replace(want, runtime="tensorrt").digest() != want.digest()

@@ -455,8 +455,15 @@ def accelerate(
 
 def accelerate_with_config(engine: Any, model: Any, *, progress: ProgressCallback | None = None) -> str:
     """`accelerate()` with everything taken from a `ModelConfig` (accel, allow_build, engine_*,
-    the OpenVINO device and precision, cpu_threads)."""
+    the OpenVINO device and precision, cpu_threads): what the node and `streamnode bench` use.
+
+    OpenVINO's CPU threads default to the node's budget, half the cores (`node_cpu_threads`),
+    like torch's: with the node's capture and sink threads on the same cores, two OpenVINO
+    threads on a 2-core machine ran the demo at 2.4–5.6 fps where one thread ran it at 4.6–17.9
+    (three interleaved rounds, another job loading the machine; docs/acceleration.md, "Threads").
+    """
     from streamnode.config import is_openvino_device
+    from streamnode.diffusion.models import node_cpu_threads
 
     return accelerate(
         engine,
@@ -468,7 +475,7 @@ def accelerate_with_config(engine: Any, model: Any, *, progress: ProgressCallbac
         max_batch=model.engine_max_batch,
         openvino_device=model.device if is_openvino_device(model.device) else None,
         openvino_precision=model.openvino_precision,
-        threads=model.cpu_threads,
+        threads=model.cpu_threads or node_cpu_threads(),
     )
 
 
