@@ -150,11 +150,13 @@ def model_folder(name: str) -> Path:
     cfg.pop("block_out_channels", None)  # as tiny.py: AutoencoderTiny rejects its own alias
     (folder / "vae_tiny" / "config.json").write_text(json.dumps(cfg))
     c.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
-    c.tokenizer.save_pretrained(folder / "tokenizer")
     c.scheduler.save_pretrained(folder / "scheduler")
-    # The pipeline loader wants a full VAE folder; the tiny model's stands in (neither library uses it).
     import shutil
 
+    # The same BPE tokenizer files as the tiny model's (write_tiny_tokenizer): both transformers
+    # versions read vocab.json + merges.txt. The pipeline loader wants a full VAE folder; the tiny
+    # model's stands in (neither library runs it).
+    shutil.copytree(tiny / "tokenizer", folder / "tokenizer", dirs_exist_ok=True)
     shutil.copytree(tiny / "vae", folder / "vae", dirs_exist_ok=True)
     shutil.copy(tiny / "model_index.json", folder / "model_index.json")
     (folder / "done").touch()

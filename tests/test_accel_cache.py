@@ -359,3 +359,16 @@ def test_an_openvino_model_serves_only_its_own_shape(tmp_path: Path) -> None:
     assert found is not None and found.key == want
     # The same digest never crosses runtimes: a TensorRT key with that profile is another entry.
     assert dataclasses.replace(want, runtime="tensorrt").digest() != want.digest()
+
+
+def test_weights_fingerprint_of_a_tensor_as_big_as_an_sd_unet_conv() -> None:
+    """29,491,200 values (SD's 2560→1280 3×3 up-block conv): float32 indices ran past the end."""
+    import torch
+
+    from streamnode.accel.cache import weights_fingerprint
+
+    module = torch.nn.Module()
+    module.register_buffer("w", torch.zeros(1280, 2560, 3, 3, dtype=torch.float16))
+    first = weights_fingerprint(module)
+    module.w[-1, -1, -1, -1] = 1.0  # the last value is one of the samples
+    assert weights_fingerprint(module) != first

@@ -121,6 +121,22 @@ def test_openvino_parity_with_similarity_filter_brushes_and_live_updates(tiny_co
         restore(eng)
 
 
+def test_full_vae_runs_in_openvino_too(tiny_model_path) -> None:  # noqa: ANN001
+    from streamnode.diffusion.models import load_components
+
+    full = load_components("tiny", device="cpu", dtype="float32", use_tiny_vae=False, cpu_threads=1)
+    ref, eng = _pair(full, cfg="self")
+    try:
+        for e in (ref, eng):
+            e.update(t_index_list=T_LISTS[2])
+        assert _compare(ref, eng, _frames(3)) <= FP32_LEVELS
+        seams = describe_seams(eng)
+        assert all(v["backend"] == "openvino" and v["broken"] is None for v in seams.values())
+        assert seams["vae_encode"]["fallback_calls"] == seams["vae_decode"]["fallback_calls"] == 0
+    finally:
+        restore(eng)
+
+
 @pytest.mark.skipif(not _cpu_has_bf16(), reason="this CPU has no AMX or AVX-512-BF16: bf16 cannot be measured here")
 def test_bf16_stays_within_its_documented_levels(tiny_components) -> None:  # noqa: ANN001
     ref, eng = _pair(tiny_components, cfg="self", precision="auto")

@@ -159,7 +159,11 @@ def weights_fingerprint(module: Any, samples: int = 64) -> str:
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
         flat = tensor.detach().reshape(-1)
         if flat.numel():
-            idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+            # float64: float32 cannot hold index 29491199 (an SD UNet's 2560→1280 3×3 conv) and
+            # rounds it past the end.
+            idx = torch.linspace(
+                0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device, dtype=torch.float64
+            ).long()
             picks.append(flat[idx].float())
     if picks:
         digest.update(torch.cat(picks).cpu().numpy().tobytes())

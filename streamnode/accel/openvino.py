@@ -137,7 +137,8 @@ class OvTarget:
             props["NUM_STREAMS"] = 1
             if self.threads:
                 props["INFERENCE_NUM_THREADS"] = int(self.threads)
-        elif self.precision != "default":
+        elif self.reason == "asked for":
+            # A GPU or NPU left on auto keeps its own default (fp16): an NPU may not take the hint.
             props["INFERENCE_PRECISION_HINT"] = self.precision
         return props
 
@@ -155,7 +156,8 @@ def choose_target(
 
     core = core or ov.Core()
     available = list(core.available_devices)
-    if device not in available:
+    # "GPU" names the first GPU even when OpenVINO lists GPU.0 and GPU.1.
+    if device not in available and not any(d.startswith(f"{device}.") for d in available):
         raise OpenVINOUnavailable(
             f"OpenVINO sees no {device} here (devices: {', '.join(available) or 'none'}); "
             "use --device CPU, or install the device's driver"
@@ -443,12 +445,13 @@ class BackgroundCompiler:
         self._idle = threading.Event()
         self._idle.set()
         self._thread: threading.Thread | None = None
+        self._closed = False
         self.failed: dict[tuple[str, Shapes], str] = {}
 
     def submit(self, component: OvComponent, shapes: Shapes) -> None:
         with self._lock:
             key = (id(component), shapes)
-            if key in self._seen:
+            if self._closed or key in self._seen:
                 return
             self._seen.add(key)
             self._idle.clear()
@@ -464,7 +467,8 @@ class BackgroundCompiler:
                 return
             component, shapes = item
             try:
-                component.prepare(shapes)
+                if not self._closed:  # shapes queued before close() are dropped, not compiled
+                    component.prepare(shapes)
             except Exception as e:  # noqa: BLE001 - a failed compile keeps that shape in PyTorch
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 self.failed[(component.component, shapes)] = reason
@@ -480,10 +484,13 @@ class BackgroundCompiler:
         return self._idle.wait(timeout)
 
     def close(self) -> None:
+        """Stop after the compile in progress (if any); later submits are ignored. Safe twice."""
         with self._lock:
+            self._closed = True
             if self._thread is not None:
                 self._queue.put(None)
                 self._thread = None
+            self._idle.set()
 
 
 # -- the backend ---------------------------------------------------------------------------
