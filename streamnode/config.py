@@ -59,7 +59,7 @@ class ModelConfig(_Section):
     )
     cpu_threads: int | None = Field(
         None, ge=1, le=256,
-        description="threads for the model on a CPU (torch, and OpenVINO's own pool); default: measured per backend",
+        description="threads for the model on a CPU (torch, and OpenVINO's pool); default in the node: half the cores",
     )
     allow_build: bool = Field(
         False,
