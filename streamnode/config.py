@@ -31,16 +31,33 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
+OPENVINO_DEVICES = ("CPU", "GPU", "NPU")
+"""OpenVINO's device names, spelled its way (GPU.1 for a second GPU): `model.device` takes them."""
+
+
+def is_openvino_device(device: str) -> bool:
+    """True for OpenVINO device names (CPU, GPU, GPU.1, NPU); PyTorch's are lower case."""
+    kind, _, index = device.partition(".")
+    return kind in OPENVINO_DEVICES and (not index or index.isdigit())
+
+
 class ModelConfig(_Section):
     id: str = Field("tiny", description="hub id, local diffusers folder, .safetensors file, or 'tiny'")
     lcm_lora: str | None = Field(None, description="LCM-LoRA to fuse (hub id, folder or .safetensors)")
     use_tiny_vae: bool = Field(True, description="TAESD-class VAE instead of the full VAE")
     tiny_vae: str | None = Field(None, description="TAESD weights; default: the model's own or madebyollin/taesd")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps")
+    device: str = Field(
+        "auto",
+        description="auto, cpu, cuda, cuda:N, mps; or an OpenVINO device (CPU, GPU, GPU.N, NPU) with accel openvino",
+    )
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
-    accel: Literal["auto", "eager", "compile", "tensorrt"] = "auto"
+    accel: Literal["auto", "eager", "compile", "tensorrt", "openvino"] = "auto"
+    openvino_precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="OpenVINO precision; auto: bf16 on CPUs with AMX or AVX-512-BF16, else fp32; fp16 on GPU/NPU"
+    )
     cpu_threads: int | None = Field(
-        None, ge=1, le=256, description="torch threads on a CPU device; default half the cores"
+        None, ge=1, le=256,
+        description="threads for the model on a CPU (torch, and OpenVINO's pool); default in the node: half the cores",
     )
     allow_build: bool = Field(
         False,
@@ -65,8 +82,8 @@ class ModelConfig(_Section):
     @classmethod
     def _device(cls, v: str) -> str:
         ok = v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit())
-        if not ok:
-            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        if not ok and not is_openvino_device(v):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps, or an OpenVINO device: CPU, GPU, GPU.N, NPU")
         return v
 
     @field_validator("engine_min_size", "engine_max_size")
@@ -76,6 +93,15 @@ class ModelConfig(_Section):
         if v % 64:
             raise ValueError(f"must be a multiple of 64 (e.g. {max(64, v - v % 64)} or {v - v % 64 + 64})")
         return v
+
+    @model_validator(mode="after")
+    def _openvino_device(self) -> ModelConfig:
+        if is_openvino_device(self.device) and self.accel not in ("auto", "openvino"):
+            raise ValueError(
+                f"device {self.device} is an OpenVINO device: use accel openvino (--accel openvino), "
+                "or a PyTorch device (cpu, cuda, mps)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _engine_range(self) -> ModelConfig:

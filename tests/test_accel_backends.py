@@ -51,10 +51,16 @@ def _accel_warnings(caplog) -> list[logging.LogRecord]:  # noqa: ANN001
         ("compile", False, False, ["compile", "eager"]),
         ("tensorrt", True, False, ["tensorrt", "compile", "eager"]),
         ("tensorrt", False, False, ["tensorrt", "eager"]),
+        ("openvino", False, False, ["openvino", "eager"]),
     ],
 )
 def test_backend_chain(mode: str, cuda: bool, trt: bool, chain: list[str]) -> None:
     assert backend_chain(mode, cuda=cuda, tensorrt_importable=trt) == chain
+
+
+@pytest.mark.parametrize(("cuda", "chain"), [(False, ["openvino", "eager"]), (True, ["compile", "eager"])])
+def test_auto_uses_openvino_only_without_cuda(cuda: bool, chain: list[str]) -> None:
+    assert backend_chain("auto", cuda=cuda, tensorrt_importable=False, openvino_importable=True) == chain
 
 
 def test_unknown_mode_is_refused() -> None:
@@ -64,7 +70,7 @@ def test_unknown_mode_is_refused() -> None:
 
 def test_describe_backends_on_this_machine() -> None:
     rows = {name: (ok, detail) for name, ok, detail in describe_backends()}
-    assert list(rows) == ["eager", "compile", "tensorrt"]
+    assert list(rows) == ["eager", "compile", "tensorrt", "openvino"]
     assert rows["eager"][0] is True
     if not torch.cuda.is_available():
         ok, detail = rows["tensorrt"]
@@ -88,9 +94,10 @@ def test_tensorrt_missing_falls_back_with_one_clear_line(engine, caplog) -> None
     assert engine(_frames(1)[0]).shape == (SIZE, SIZE, 3)
 
 
-def test_auto_on_cpu_is_eager_without_a_warning(engine, caplog) -> None:  # noqa: ANN001
+def test_auto_on_cpu_without_openvino_is_eager_without_a_warning(engine, caplog, monkeypatch) -> None:  # noqa: ANN001
     if torch.cuda.is_available():
         pytest.skip("CPU behaviour")
+    monkeypatch.setattr(accel, "openvino_installed", lambda: False)
     with caplog.at_level(logging.INFO):
         assert accelerate(engine, "auto") == "eager"
     assert not _accel_warnings(caplog)
@@ -288,13 +295,20 @@ def test_progress_lines_show_fraction_and_time_left() -> None:
 
 def test_accelerate_with_config_passes_the_model_section(engine, monkeypatch) -> None:  # noqa: ANN001
     from streamnode.config import load_config
+    from streamnode.diffusion.models import node_cpu_threads
 
     seen = {}
     monkeypatch.setattr(accel, "accelerate", lambda eng, mode, **kw: seen.update(mode=mode, **kw) or "eager")
     model = load_config(sets=["model.accel=tensorrt", "model.allow_build=false", "model.engine_max_size=768"]).model
     assert accel.accelerate_with_config(engine, model) == "eager"
     assert seen == {"mode": "tensorrt", "allow_build": False, "progress": None, "min_size": 256,
-                    "max_size": 768, "max_batch": None}
+                    "max_size": 768, "max_batch": None, "openvino_device": None, "openvino_precision": "auto",
+                    "threads": node_cpu_threads()}
+    model = load_config(sets=["model.accel=openvino", "model.device=GPU.1", "model.openvino_precision=fp16",
+                              "model.cpu_threads=3"]).model
+    accel.accelerate_with_config(engine, model)
+    assert (seen["mode"], seen["openvino_device"], seen["openvino_precision"], seen["threads"]) == (
+        "openvino", "GPU.1", "fp16", 3)
 
 
 # -- the TensorRT wiring after a build, with stand-in runners (the real ones need a GPU) --------

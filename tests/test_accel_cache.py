@@ -35,9 +35,9 @@ def _key(**kw: object) -> EngineKey:
         vae_kind="taesd",
         profile=_profile(),
         dtype="float16",
-        trt_version="10.13.0",
-        gpu_name="NVIDIA H100 80GB HBM3",
-        compute_capability="9.0",
+        runtime_version="10.13.0",
+        device_name="NVIDIA H100 80GB HBM3",
+        device_detail="9.0",
     )
     base.update(kw)
     return EngineKey(**base)  # type: ignore[arg-type]
@@ -52,10 +52,11 @@ FIELD_CHANGES = {
     "vae_kind": "full",
     "profile": _profile(max_size=768),
     "dtype": "bfloat16",
-    "trt_version": "11.4.0",
-    "gpu_name": "NVIDIA GeForce RTX 4090",
-    "compute_capability": "8.9",
+    "runtime_version": "11.4.0",
+    "device_name": "NVIDIA GeForce RTX 4090",
+    "device_detail": "8.9",
     "format_version": ENGINE_FORMAT_VERSION + 1,
+    "runtime": "openvino",
 }
 
 
@@ -172,7 +173,7 @@ def test_corrupt_or_mismatched_files_are_rejected_and_rebuilt(tmp_path: Path, da
         sidecar.write_text("{not json")
     elif damage == "edit_key":
         meta = json.loads(sidecar.read_text())
-        meta["key"]["gpu_name"] = "NVIDIA GeForce RTX 3060"  # e.g. a cache folder copied between machines
+        meta["key"]["device_name"] = "NVIDIA GeForce RTX 3060"  # e.g. a cache folder copied between machines
         sidecar.write_text(json.dumps(meta))
     elif damage == "drop_plan":
         plan.unlink()
@@ -342,3 +343,32 @@ def test_trt_profile_shapes_and_run_time_acceptance() -> None:
     assert "batch 9" in accepts["unet_call"](torch.zeros(9, 4, 64, 64), t, None)
     assert "outside the engine range" in accepts["vae_encode"](torch.zeros(1, 3, 1280, 512))
     assert "multiple of 64" in accepts["vae_decode"](torch.zeros(1, 4, 90, 160))
+
+
+def test_an_openvino_model_serves_only_its_own_shape(tmp_path: Path) -> None:
+    """OpenVINO models are compiled static: a 'wider' entry is another shape, never a match."""
+    cache = EngineCache(tmp_path)
+    exact = _profile(min_batch=2, opt_batch=2, max_batch=2, vae_max_batch=1, min_size=512, max_size=512)
+    want = _key(runtime="openvino", profile=exact)
+    wider = dataclasses.replace(want, profile=_profile(min_batch=1, opt_batch=2, max_batch=4))
+    cache.store(wider, b"a model compiled for other shapes")
+    assert cache.find(want) is None
+    assert "compiled for" in (want.mismatch(wider) or "")
+    cache.store(want, b"the model for this shape")
+    found = cache.find(want)
+    assert found is not None and found.key == want
+    # The same digest never crosses runtimes: a TensorRT key with that profile is another entry.
+    assert dataclasses.replace(want, runtime="tensorrt").digest() != want.digest()
+
+
+def test_weights_fingerprint_of_a_tensor_as_big_as_an_sd_unet_conv() -> None:
+    """29,491,200 values (SD's 2560→1280 3×3 up-block conv): float32 indices ran past the end."""
+    import torch
+
+    from streamnode.accel.cache import weights_fingerprint
+
+    module = torch.nn.Module()
+    module.register_buffer("w", torch.zeros(1280, 2560, 3, 3, dtype=torch.float16))
+    first = weights_fingerprint(module)
+    module.w[-1, -1, -1, -1] = 1.0  # the last value is one of the samples
+    assert weights_fingerprint(module) != first

@@ -138,3 +138,19 @@ def test_config_is_frozen() -> None:
     cfg = load_config()
     with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen error type varies by version
         cfg.stream.prompt = "x"  # type: ignore[misc]
+
+
+def test_openvino_devices_are_spelled_the_openvino_way() -> None:
+    from streamnode.diffusion.models import resolve_device
+
+    for device in ("CPU", "GPU", "GPU.1", "NPU"):
+        model = load_config(sets=["model.accel=openvino", f"model.device={device}"]).model
+        assert model.device == device
+        assert resolve_device(device).type == "cpu"  # the PyTorch copy (and fallback) stays on the CPU
+    assert load_config(sets=["model.device=GPU"]).model.accel == "auto"
+    with pytest.raises(ConfigError, match="OpenVINO device: use accel openvino"):
+        load_config(sets=["model.accel=eager", "model.device=NPU"])
+    with pytest.raises(ConfigError, match="CPU, GPU, GPU.N, NPU"):
+        load_config(sets=["model.device=gpu.x"])
+    with pytest.raises(ConfigError, match="openvino_precision"):
+        load_config(sets=["model.openvino_precision=int4"])

@@ -45,6 +45,12 @@ class UdpRig:
         self.sock.sendto(data, ("127.0.0.1", self.server.port))
 
     def assert_alive(self) -> None:
+        # The fuzzer may have paused the node (/pause 1 is a valid message): resume it first.
+        for address in ("/pause", "/bypass"):
+            resume = OscMessageBuilder(address)
+            resume.add_arg(0, "i")
+            self.send(resume.build().dgram)
+        wait_for(lambda: not self.node.live().node.pause, timeout=5, what="resumed")
         frames = self.node.frames_out
         token = f"alive {time.monotonic_ns()}"  # unique: older echoes may still be queued
         marker = OscMessageBuilder("/prompt")

@@ -92,9 +92,10 @@ def test_run_to_shm_then_sigterm() -> None:
 
 
 def test_sigint_also_exits_0() -> None:
-    proc = start_node("--source", "test://bars", "--sink", "null://", "--engine", "passthrough",
+    name = f"sn_int{uuid.uuid4().hex[:8]}"
+    proc = start_node("--source", "test://bars", "--sink", f"shm://{name}", "--engine", "passthrough",
                       "--width", "64", "--height", "64", "--no-osc")
-    time.sleep(2.0)
+    assert read_frames(name, proc, want=1, timeout=30)  # running (a loaded machine imports slowly)
     assert proc.poll() is None
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)

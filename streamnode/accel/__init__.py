@@ -1,14 +1,15 @@
-"""Acceleration backends for the stream engine: eager, torch.compile + CUDA graphs, TensorRT.
+"""Acceleration backends for the stream engine: eager, torch.compile + CUDA graphs, TensorRT, OpenVINO.
 
 The engine calls its UNet and VAE only through three seams, `unet_call(x, t, emb)`,
 `vae_encode(img)` and `vae_decode(z)`. `accelerate()` replaces them with faster callables and
 keeps the originals behind each one (`GuardedCall`), so a shape outside an engine's profile or
 a fault at run time degrades to PyTorch for that call instead of stopping the show.
 
-Backend order: `tensorrt` → `compile` (CUDA only) → `eager`. `auto` picks TensorRT when it is
-importable on a CUDA GPU, else compile on CUDA, else eager. When the chosen backend cannot be
-set up (not installed, engine missing with building off, a failed build, out of memory) the next
-one is used and ONE warning line says which and why.
+Backend order: `tensorrt` → `compile` (CUDA only) → `eager`; `openvino` → `eager`. `auto`
+picks TensorRT when it is importable on a CUDA GPU, else compile on CUDA; without CUDA,
+OpenVINO when it is installed, else eager; and says which in one line. When the chosen backend
+cannot be set up (not installed, engine missing with building off, a failed build, out of
+memory) the next one is used and ONE warning line says which and why.
 
 This module imports nothing heavy at import time (`streamnode doctor` calls
 `describe_backends()`; torch is imported inside the functions).
@@ -16,6 +17,7 @@ This module imports nothing heavy at import time (`streamnode doctor` calls
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import shutil
 from collections.abc import Callable
@@ -42,7 +44,7 @@ __all__ = [
     "restore",
 ]
 
-MODES = ("auto", "eager", "compile", "tensorrt")
+MODES = ("auto", "eager", "compile", "tensorrt", "openvino")
 SEAMS = ("unet_call", "vae_encode", "vae_decode")
 SELF_CHECK_RTOL = 0.05
 """An engine whose output differs from PyTorch by more than 5 % of the output's range is refused.
@@ -65,12 +67,19 @@ def _cxx_compiler() -> str | None:
     return None
 
 
-def describe_backends() -> list[tuple[str, bool, str]]:
-    """(name, available, detail or install hint) for eager, compile and tensorrt. Imports torch."""
-    import importlib.util
+def openvino_installed() -> bool:
+    """Whether `openvino` can be imported, without importing it."""
+    return importlib.util.find_spec("openvino") is not None
 
+
+def describe_backends() -> list[tuple[str, bool, str]]:
+    """(name, available, detail or install hint) for eager, compile, tensorrt and openvino.
+
+    Imports torch, and OpenVINO when it is installed (to report its devices and CPU precision).
+    """
     import torch
 
+    from streamnode.accel.openvino import openvino_status
     from streamnode.accel.tensorrt import tensorrt_status
 
     cuda = torch.cuda.is_available()
@@ -96,10 +105,15 @@ def describe_backends() -> list[tuple[str, bool, str]]:
         ))
     ok, detail = tensorrt_status()
     rows.append(("tensorrt", ok, detail))
+    ok, detail = openvino_status() if openvino_installed() else (False, f"not installed; {OPENVINO_HINT}")
+    rows.append(("openvino", ok, detail))
     return rows
 
 
-def backend_chain(mode: str, *, cuda: bool, tensorrt_importable: bool) -> list[str]:
+OPENVINO_HINT = 'pip install "streamnode[openvino]"'
+
+
+def backend_chain(mode: str, *, cuda: bool, tensorrt_importable: bool, openvino_importable: bool = False) -> list[str]:
     """Backends to try in order for `mode`."""
     if mode not in MODES:
         raise ValueError(f"accel mode {mode!r} is not one of {', '.join(MODES)}")
@@ -107,11 +121,14 @@ def backend_chain(mode: str, *, cuda: bool, tensorrt_importable: bool) -> list[s
         return ["eager"]
     if mode == "compile":
         return ["compile", "eager"]
+    if mode == "openvino":
+        return ["openvino", "eager"]
     if mode == "tensorrt":
         # On a CPU, compile is not a stand-in for a GPU engine (minutes of compiling for little).
         return ["tensorrt", "compile", "eager"] if cuda else ["tensorrt", "eager"]
     if not cuda:
-        return ["eager"]
+        # inductor on a CPU: a minute of compiling for ~1.15× (README); OpenVINO: seconds, ~2-3×.
+        return ["openvino", "eager"] if openvino_importable else ["eager"]
     return ["tensorrt", "compile", "eager"] if tensorrt_importable else ["compile", "eager"]
 
 
@@ -266,6 +283,70 @@ def _use_tensorrt(engine: Any, originals: dict[str, Callable[..., Any]], opts: d
     return {s: GuardedCall(s, "tensorrt", runners[s], originals[s], accepts=accepts[s]) for s in SEAMS}
 
 
+def _use_openvino(engine: Any, originals: dict[str, Callable[..., Any]], opts: dict[str, Any]) -> dict[str, GuardedCall]:
+    import torch
+
+    if not openvino_installed():
+        raise BackendFailed(f"OpenVINO is not installed; {OPENVINO_HINT}")
+    from streamnode.accel.openvino import (
+        OpenVINOBackend,
+        OpenVINOUnavailable,
+        check_size,
+        choose_target,
+        describe_target,
+    )
+
+    c = engine.components
+    if c.device.type != "cpu":
+        raise BackendFailed(
+            f"the model is on {c.device}; OpenVINO compiles from a CPU copy: use --device CPU, GPU or NPU "
+            "(OpenVINO's names) or --device cpu"
+        )
+    if c.dtype != torch.float32:
+        raise BackendFailed(
+            f"the model is loaded in {str(c.dtype).removeprefix('torch.')}; load it in float32 (model.dtype = auto) "
+            "and OpenVINO picks its precision (model.openvino_precision)"
+        )
+    if (why := check_size(int(engine.height), int(engine.width))) is not None:
+        raise BackendFailed(why)
+    try:
+        target = choose_target(opts.get("openvino_device") or "CPU", opts.get("openvino_precision", "auto"),
+                               opts.get("threads"))
+    except OpenVINOUnavailable as e:
+        raise BackendFailed(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - a broken install or driver: one line for the user
+        raise BackendFailed(f"OpenVINO cannot start ({type(e).__name__}: {_first_line(e)})") from None
+    backend = OpenVINOBackend(c, target, cache=opts.get("cache"))
+    try:
+        inputs = example_inputs(engine)
+        if opts.get("wait", True):
+            backend.prepare(inputs)
+            with torch.inference_mode():
+                for seam, part in backend.parts.items():
+                    err = _relative_error(part(*inputs[seam]), originals[seam](*inputs[seam]))
+                    if err is not None and err > SELF_CHECK_RTOL:
+                        for entry in part.entries.values():
+                            shutil.rmtree(entry.directory, ignore_errors=True)
+                        raise BackendFailed(
+                            f"the OpenVINO {seam} model disagrees with PyTorch (relative error {err:.3f}); "
+                            "it was removed from the cache"
+                        )
+                    logger.debug("openvino %s self-check: relative error %s", seam, err)
+        else:
+            backend.queue(inputs)
+    except BackendFailed:
+        backend.close()
+        raise
+    except Exception as e:  # noqa: BLE001 - conversion/compile errors of many types; one line for the user
+        backend.close()
+        raise BackendFailed(f"OpenVINO setup failed ({type(e).__name__}: {_first_line(e)})") from None
+    opts["detail"] = describe_target(target)
+    return {
+        seam: GuardedCall(seam, "openvino", part, originals[seam], accepts=part.accepts)
+        for seam, part in backend.parts.items()
+    }
+
+
 def _close(runners: Any) -> None:
     for r in runners:
         if r is not None and hasattr(r, "close"):
@@ -280,6 +361,7 @@ def _first_line(e: BaseException) -> str:
 _BACKENDS: dict[str, Callable[[Any, dict[str, Callable[..., Any]], dict[str, Any]], dict[str, GuardedCall]]] = {
     "tensorrt": _use_tensorrt,
     "compile": _use_compile,
+    "openvino": _use_openvino,
 }
 
 
@@ -298,13 +380,21 @@ def accelerate(
     cache: Any = None,
     compile_mode: str | None = None,
     compile_backend: str = "inductor",
+    openvino_device: str | None = None,
+    openvino_precision: str = "auto",
+    threads: int | None = None,
+    wait: bool = True,
 ) -> str:
     """Replace the engine's seams with the fastest backend `mode` allows; return its name.
 
     `min_size`, `max_size` and `max_batch` are the TensorRT profile (`model.engine_*` in the
     config); with `allow_build=False` a missing engine is not built (the show starts on the next
-    backend and the message says to run `streamnode build-engines`). Returns "tensorrt",
-    "compile" or "eager". Logs one line saying what is used, a warning if it is a fallback.
+    backend and the message says to run `streamnode build-engines`). `openvino_device` (CPU,
+    GPU, NPU; default CPU), `openvino_precision` and `threads` (OpenVINO's CPU pool; None: every
+    core) configure OpenVINO. With `wait=False` OpenVINO compiles the stream's shapes in a
+    background thread and the seams run PyTorch until each is ready (for building an engine
+    while another one serves). Returns "tensorrt", "compile", "openvino" or "eager". Logs one
+    line saying what is used, a warning if it is a fallback.
     """
     import torch
 
@@ -312,7 +402,8 @@ def accelerate(
 
     cuda = engine.components.device.type == "cuda"
     trt_ok, trt_detail = tensorrt_status() if cuda else (False, "")
-    chain = backend_chain(mode, cuda=cuda, tensorrt_importable=trt_ok)
+    ov_ok = openvino_installed()
+    chain = backend_chain(mode, cuda=cuda, tensorrt_importable=trt_ok, openvino_importable=ov_ok)
     opts = {
         "allow_build": allow_build,
         "progress": progress,
@@ -322,6 +413,10 @@ def accelerate(
         "cache": cache,
         "compile_mode": compile_mode,
         "compile_backend": compile_backend,
+        "openvino_device": openvino_device,
+        "openvino_precision": openvino_precision,
+        "threads": threads,
+        "wait": wait,
     }
     # A second call (a model switch, a mode change) starts from PyTorch and frees old engines.
     restore(engine)
@@ -348,17 +443,30 @@ def accelerate(
     if chosen == "eager":
         for seam, fn in originals.items():
             setattr(engine, seam, fn)
+    detail = f" ({opts['detail']})" if opts.get("detail") else ""
     if failures:
-        logger.warning("acceleration: using %s, because %s", chosen, "; ".join(failures))
+        logger.warning("acceleration: using %s%s, because %s", chosen, detail, "; ".join(failures))
     elif mode == "auto" and cuda and not trt_ok:
         logger.info("acceleration: %s (auto; TensorRT not used: %s)", chosen, trt_detail)
+    elif mode == "auto" and not cuda and not ov_ok:
+        logger.info("acceleration: %s (auto; OpenVINO not installed: %s)", chosen, OPENVINO_HINT)
     else:
-        logger.info("acceleration: %s", chosen)
+        logger.info("acceleration: %s%s", chosen, detail)
     return chosen
 
 
 def accelerate_with_config(engine: Any, model: Any, *, progress: ProgressCallback | None = None) -> str:
-    """`accelerate()` with everything taken from a `ModelConfig` (accel, allow_build, engine_*)."""
+    """`accelerate()` with everything taken from a `ModelConfig` (accel, allow_build, engine_*,
+    the OpenVINO device and precision, cpu_threads): what the node and `streamnode bench` use.
+
+    OpenVINO's CPU threads default to the node's budget, half the cores (`node_cpu_threads`),
+    like torch's: with the node's capture and sink threads on the same cores, two OpenVINO
+    threads on a 2-core machine ran the demo at 2.4–5.6 fps where one thread ran it at 4.6–17.9
+    (three interleaved rounds, another job loading the machine; docs/acceleration.md, "Threads").
+    """
+    from streamnode.config import is_openvino_device
+    from streamnode.diffusion.models import node_cpu_threads
+
     return accelerate(
         engine,
         model.accel,
@@ -367,6 +475,9 @@ def accelerate_with_config(engine: Any, model: Any, *, progress: ProgressCallbac
         min_size=model.engine_min_size,
         max_size=model.engine_max_size,
         max_batch=model.engine_max_batch,
+        openvino_device=model.device if is_openvino_device(model.device) else None,
+        openvino_precision=model.openvino_precision,
+        threads=model.cpu_threads or node_cpu_threads(),
     )
 
 
@@ -383,6 +494,7 @@ def restore(engine: Any) -> None:
 def describe_seams(engine: Any) -> dict[str, dict[str, Any]]:
     """Per seam: backend, run-time state, PyTorch fallback calls, compile seconds (for stats and bench)."""
     from streamnode.accel.compile import CompiledCall, CudaGraphCall
+    from streamnode.accel.openvino import OvComponent
 
     out: dict[str, dict[str, Any]] = {}
     for seam in SEAMS:
@@ -394,5 +506,10 @@ def describe_seams(engine: Any) -> dict[str, dict[str, Any]]:
         inner = fn.fast.fn if isinstance(fn.fast, CudaGraphCall) else fn.fast
         if isinstance(inner, CompiledCall):
             info["compile_seconds"] = round(sum(inner.compile_seconds.values()), 2)
+        if isinstance(inner, OvComponent):
+            info["precision"] = inner.target.precision
+            info["device"] = inner.target.device
+            info["shapes"] = len(inner.compiled)
+            info["compile_seconds"] = round(sum(inner.compiled.values()), 2)
         out[seam] = info
     return out

@@ -1,15 +1,17 @@
-"""On-disk TensorRT engine cache: keys, layout, validation.
+"""On-disk cache of compiled engines (TensorRT plans, OpenVINO compiled models): keys, layout, validation.
 
 Layout, under `cache_dir()/engines/`:
 
-    <component>-<digest16>/engine.plan    the serialized engine
+    <component>-<digest16>/engine.plan    the serialized engine (a TensorRT plan or an exported
+                                          OpenVINO compiled model)
     <component>-<digest16>/engine.json    sidecar: the full key, sha256 and size of engine.plan
     build_times.json                      measured build seconds, for the next build's estimate
     timing-<trt>-<gpu>.cache              TensorRT tactic timing cache (makes rebuilds faster)
 
 An engine is loaded only when its sidecar's key matches the one asked for in every identity
-field (model, LoRA, VAE, dtype, TensorRT version, GPU, format) *and* its profile covers the
-shapes asked for, *and* the file's sha256 matches the sidecar. Anything else is rejected with
+field (model, LoRA, VAE, dtype, runtime and its version, device, format) *and* its profile
+covers the shapes asked for (for OpenVINO, whose compiled models are static, *equals* them),
+*and* the file's sha256 matches the sidecar. Anything else is rejected with
 the reason logged and rebuilt; nothing is ever loaded on a partial match. Files are written to a
 temporary name and renamed, the sidecar last, so a crash mid-write leaves no entry a later
 run would trust.
@@ -37,6 +39,7 @@ ENGINE_FORMAT_VERSION = 1
 """Bump when the ONNX export, I/O names or build settings change: every cached engine is rebuilt."""
 
 COMPONENTS = ("unet", "vae_encoder", "vae_decoder")
+RUNTIMES = ("tensorrt", "openvino")
 
 T = TypeVar("T")
 
@@ -55,7 +58,11 @@ class EngineKey:
 
     `weights` is a fingerprint of the exact module being exported (so a fused LoRA or a swapped
     VAE changes it even when `model` does not); `model` is the loader's identity (model id,
-    weight-file fingerprint or hub revision, LoRA, VAE kind).
+    weight-file fingerprint or hub revision, LoRA, VAE kind). `dtype` is the precision the
+    engine computes in. `runtime` is "tensorrt" or "openvino"; `device_name` the GPU's name or
+    the OpenVINO device and its full name; `device_detail` the compute capability (TensorRT) or
+    what the device offers that changes the compiled code (OpenVINO: its optimisation
+    capabilities and thread count).
     """
 
     component: str
@@ -65,14 +72,22 @@ class EngineKey:
     vae_kind: str
     profile: EngineProfile
     dtype: str
-    trt_version: str
-    gpu_name: str
-    compute_capability: str
+    runtime_version: str
+    device_name: str
+    device_detail: str
     format_version: int = ENGINE_FORMAT_VERSION
+    runtime: str = "tensorrt"
 
     def __post_init__(self) -> None:
         if self.component not in COMPONENTS:
             raise ValueError(f"component {self.component!r} is not one of {', '.join(COMPONENTS)}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime {self.runtime!r} is not one of {', '.join(RUNTIMES)}")
+
+    @property
+    def static(self) -> bool:
+        """OpenVINO models are compiled for one exact shape: only an equal profile can serve."""
+        return self.runtime == "openvino"
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -105,6 +120,8 @@ class EngineKey:
         diffs = [f"{k}: {theirs[k]!r} ≠ {mine[k]!r}" for k in sorted(mine) if mine[k] != theirs[k]]
         if diffs:
             return "built for a different " + "; ".join(diffs)
+        if self.static and other.profile != self.profile:
+            return f"compiled for {other.profile.to_dict()}, not {self.profile.to_dict()}"
         if not other.profile.covers(self.profile):
             return f"its profile {other.profile.to_dict()} does not cover {self.profile.to_dict()}"
         return None
@@ -125,6 +142,37 @@ class CacheEntry:
     @property
     def sidecar_path(self) -> Path:
         return self.directory / "engine.json"
+
+
+def weights_fingerprint(module: Any, samples: int = 64) -> str:
+    """Bit-exact fingerprint of a module's parameters and buffers: names, shapes, dtypes and
+    `samples` evenly spaced values of each tensor.
+
+    Exact gathers, not sums: a GPU reduction can differ in its last bit between runs, which would
+    make the key (and a rebuild) random. A fused LoRA or a swapped VAE changes sampled values.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    picks = []
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        flat = tensor.detach().reshape(-1)
+        if flat.numel():
+            # float64: float32 cannot hold index 29491199 (an SD UNet's 2560→1280 3×3 conv) and
+            # rounds it past the end.
+            idx = torch.linspace(
+                0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device, dtype=torch.float64
+            ).long()
+            picks.append(flat[idx].float())
+    if picks:
+        digest.update(torch.cat(picks).cpu().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def identity_part(identity: str, prefix: str) -> str:
+    """The `prefix…` part of a loader identity such as "model@abc|lora=x|taesd=y"."""
+    return next((p[len(prefix):] for p in identity.split("|") if p.startswith(prefix)), "")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -164,8 +212,8 @@ class EngineCache:
         return CacheEntry(self.root / f"{key.component}-{key.digest()[:16]}", key)
 
     def timing_cache_path(self, key: EngineKey) -> Path:
-        gpu = "".join(c if c.isalnum() else "_" for c in key.gpu_name)[:40]
-        return self.root / f"timing-trt{key.trt_version}-{gpu}-sm{key.compute_capability}.cache"
+        gpu = "".join(c if c.isalnum() else "_" for c in key.device_name)[:40]
+        return self.root / f"timing-trt{key.runtime_version}-{gpu}-sm{key.device_detail}.cache"
 
     def entries(self, component: str | None = None) -> list[CacheEntry]:
         """Every entry with a readable sidecar (a damaged one is skipped here, rejected in `find`)."""
@@ -276,7 +324,7 @@ class EngineCache:
             times = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             times = {}
-        times[f"{key.gpu_name}|{key.component}"] = round(float(seconds), 1)
+        times[f"{key.device_name}|{key.component}"] = round(float(seconds), 1)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_atomic(path, json.dumps(times, indent=2, sort_keys=True).encode())
@@ -287,7 +335,7 @@ class EngineCache:
         """The last measured build time of this component on this GPU, if any."""
         try:
             times = json.loads(self._times_path().read_text(encoding="utf-8"))
-            return float(times[f"{key.gpu_name}|{key.component}"])
+            return float(times[f"{key.device_name}|{key.component}"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
 

@@ -45,6 +45,11 @@ class CompiledCall:
     ) -> None:
         self.name = name
         self.channels_last = channels_last
+        # What to give back on close(): the eager path keeps a CPU TAESD channels-last already.
+        convs = [p for p in module.parameters() if p.dim() == 4]
+        self._was_channels_last = bool(convs) and all(
+            p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs
+        )
         if channels_last:
             module = module.to(memory_format=torch.channels_last)
         self.module = module
@@ -55,7 +60,8 @@ class CompiledCall:
         """Give the module back in its usual layout: `Module.to` converted the shared weights in
         place, and the eager path (or another engine on the same components) expects them as loaded."""
         if self.channels_last:
-            self.module.to(memory_format=torch.contiguous_format)
+            if not self._was_channels_last:
+                self.module.to(memory_format=torch.contiguous_format)
             self.channels_last = False
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,6 @@ once a shape has run, replays a CUDA graph captured for it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import shutil
 import tempfile
@@ -37,7 +36,9 @@ from streamnode.accel.cache import (
     EngineCache,
     EngineKey,
     EngineLoadError,
+    identity_part,
     obtain_engine,
+    weights_fingerprint,
 )
 from streamnode.accel.onnx_export import IO_NAMES, export_onnx, vae_scale
 from streamnode.accel.profile import EngineProfile
@@ -102,30 +103,6 @@ def gpu_identity(device: torch.device) -> tuple[str, str]:
 # -- keys ----------------------------------------------------------------------------------
 
 
-def weights_fingerprint(module: torch.nn.Module, samples: int = 64) -> str:
-    """Bit-exact fingerprint of a module's parameters and buffers: names, shapes, dtypes and
-    `samples` evenly spaced values of each tensor.
-
-    Exact gathers, not sums: a GPU reduction can differ in its last bit between runs, which would
-    make the key (and a rebuild) random. A fused LoRA or a swapped VAE changes sampled values.
-    """
-    digest = hashlib.sha256()
-    picks = []
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        flat = tensor.detach().reshape(-1)
-        if flat.numel():
-            idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
-            picks.append(flat[idx].float())
-    if picks:
-        digest.update(torch.cat(picks).cpu().numpy().tobytes())
-    return digest.hexdigest()[:24]
-
-
-def _identity_part(identity: str, prefix: str) -> str:
-    return next((p[len(prefix):] for p in identity.split("|") if p.startswith(prefix)), "")
-
-
 def make_key(
     components: Any,
     component: str,
@@ -145,13 +122,13 @@ def make_key(
         component=component,
         model=str(components.identity),
         weights=weights,
-        lora=_identity_part(str(components.identity), "lora="),
+        lora=identity_part(str(components.identity), "lora="),
         vae_kind="taesd" if components.tiny_vae else "full",
         profile=profile,
         dtype=str(components.dtype).removeprefix("torch."),
-        trt_version=trt_version,
-        gpu_name=gpu_name,
-        compute_capability=compute_capability,
+        runtime_version=trt_version,
+        device_name=gpu_name,
+        device_detail=compute_capability,
     )
 
 

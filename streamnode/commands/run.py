@@ -54,7 +54,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                    help="stream: diffusion (default); passthrough: no model, input resized to the output")
     g.add_argument("--model", help="hub id, diffusers folder, .safetensors file, or 'tiny'")
     g.add_argument("--accel", choices=_choices(ModelConfig, "accel"))
-    g.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
+    g.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps; with --accel openvino: CPU, GPU, GPU.N, NPU")
     g = parser.add_argument_group("control (OSC is on unless --no-osc; a preset may turn it off, and "
                                   "any of --osc-host/--osc-port/--oscquery-port turns it back on)")
     g.add_argument("--osc-host", help="address to listen on for OSC (default 127.0.0.1)")

@@ -26,7 +26,8 @@ def build_engine(config: NodeConfig, progress: Callable[[Any], None] | None = No
     if config.runtime.engine == "passthrough":
         engine: Engine = PassThroughEngine(s.width, s.height)
     else:
-        from streamnode.accel import accelerate
+        from streamnode.accel import accelerate_with_config
+        from streamnode.diffusion.models import node_cpu_threads
         from streamnode.diffusion.stream import StreamEngine
 
         shape = {"t_index_list": s.t_index_list, "width": s.width, "height": s.height,
@@ -37,11 +38,10 @@ def build_engine(config: NodeConfig, progress: Callable[[Any], None] | None = No
         else:
             stream = StreamEngine.from_pretrained(
                 m.id, device=m.device, dtype=m.dtype, use_tiny_vae=m.use_tiny_vae, tiny_vae=m.tiny_vae,
-                lcm_lora=m.lcm_lora, cpu_threads=m.cpu_threads, **shape,
+                lcm_lora=m.lcm_lora, cpu_threads=m.cpu_threads or node_cpu_threads(), **shape,
             )
         try:
-            accelerate(stream, m.accel, allow_build=m.allow_build, progress=progress, min_size=m.engine_min_size,
-                       max_size=m.engine_max_size, max_batch=m.engine_max_batch)
+            accelerate_with_config(stream, m, progress=progress)
         except BaseException:
             stream.close()
             raise
