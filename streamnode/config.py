@@ -141,8 +141,8 @@ class OscConfig(_Section):
     reply_port: int = Field(7001, ge=1, le=65535)
     prefix: str = Field("", description="address prefix such as /vj1")
     allow: list[str] = Field(default_factory=list, description="CIDR networks allowed to send")
-    oscquery_port: int | None = Field(None, ge=0, le=65535, description="HTTP port for OSCQuery")
-    oscquery_mdns: bool = Field(False, description="announce OSCQuery over mDNS/Bonjour (needs zeroconf)")
+    oscquery_port: int | None = Field(None, ge=0, le=65535, description="TCP port for OSCQuery: HTTP and websocket (needs streamnode[oscquery])")
+    oscquery_mdns: bool = Field(False, description="announce OSCQuery over mDNS/Bonjour where the node listens (needs zeroconf)")
     allow_model_switch: bool = False
 
     @field_validator("prefix")

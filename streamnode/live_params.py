@@ -21,6 +21,7 @@ A leaf module: it imports nothing from streamnode, so every layer may use it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -564,4 +565,9 @@ class LiveState:
 
     def indexed(self) -> dict[str, Mapping[int, Any]]:
         """Each indexed group's members in force, by the group's OSC address: {"/brush/N": brushes}."""
-        return {f.metadata["osc"]: getattr(self, f.name) for f in dataclasses.fields(self) if "osc" in f.metadata}
+        return {address: getattr(self, name) for address, name in _indexed_fields()}
+
+
+@functools.cache
+def _indexed_fields() -> tuple[tuple[str, str], ...]:
+    return tuple((f.metadata["osc"], f.name) for f in dataclasses.fields(LiveState) if "osc" in f.metadata)

@@ -8,8 +8,9 @@ Three threads, none of which touches the model:
   Every message is handled in isolation: a bad one costs one error reply, never the loop.
 - `osc-send` sends everything that goes out (error replies, the applied echo handed over by
   the engine thread, heartbeat and status) so neither the receive loop nor the engine thread
-  ever waits on a socket.
-- `oscquery-http` (optional, `oscquery.py`) serves the address tree with live values.
+  ever waits on a socket; with OSCQuery it also hands what changed to the LISTEN clients.
+- `oscquery-http` (optional, `oscquery.py`, `oscquery_tree.py`) serves the address tree with
+  live values over HTTP and pushes changes over websockets.
 
 The table (`ADDRESSES`) is derived from the live-parameter schema (live_params.py): every
 address, type, range, default and help text comes from there, so the OSC surface, the config
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import ipaddress
 import logging
 import math
@@ -133,7 +135,7 @@ class Param:
     """Extra check/conversion after types and ranges; raises OscReject."""
     schema: type[BaseModel] | None = None
 
-    @property
+    @functools.cached_property
     def group(self) -> str | None:
         """The indexed group an address belongs to (`/brush/N/prompt` → `/brush/N`); None for a
         single address. The group's members in force are `LiveState.indexed()[group]`."""

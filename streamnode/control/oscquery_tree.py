@@ -73,6 +73,15 @@ def packet(address: str, reading: Reading) -> bytes:
     return builder.build().dgram
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """The methods for one set of members of the groups without a slot count (most often: always)."""
+
+    methods: tuple[Method, ...]
+    single: tuple[Method, ...]  # not in an indexed group
+    by_member: dict[tuple[str, int], tuple[Method, ...]]  # (group, number) → that member's methods
+
+
 class AddressTree:
     """The node's address space for OSCQuery. `slots` gives each indexed group's size
     (`{"/brush/N": 8}`); a group without one lists the members in force. `describe()` and
@@ -83,25 +92,41 @@ class AddressTree:
         self.prefix = prefix
         self.slots = dict(slots or {})
         self.name = name
+        self._layout_cache: tuple[Any, _Layout] | None = None
         self._told: LiveState | None = None
+        self._told_layout: _Layout | None = None
         self._told_readings: dict[str, Reading] = {}
-        self._told_members: dict[str, bool] = {}
 
     # -- the methods
 
-    def methods(self, live: LiveState) -> list[Method]:
+    def methods(self, live: LiveState) -> tuple[Method, ...]:
         """Every method, indexed groups expanded to their slots, in the address table's order."""
-        out = []
+        return self._layout(live).methods
+
+    def _layout(self, live: LiveState) -> _Layout:
         groups = live.indexed()
+        key = tuple((g, tuple(sorted(m))) for g, m in groups.items() if g not in self.slots)
+        cached = self._layout_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        methods = []
         for p in ADDRESSES:
             if p.group is None:
-                out.append(Method(self.prefix + p.address, p))
+                methods.append(Method(self.prefix + p.address, p))
                 continue
             size = self.slots.get(p.group)
             indices = range(size) if size is not None else sorted(groups.get(p.group, {}))
             for n in indices:
-                out.append(Method(self.prefix + param_address(p, n), p, n, self.prefix + p.group.replace("/N", f"/{n}")))
-        return out
+                member = self.prefix + p.group.replace("/N", f"/{n}")
+                methods.append(Method(self.prefix + param_address(p, n), p, n, member))
+        by_member: dict[tuple[str, int], list[Method]] = {}
+        for m in methods:
+            if m.member is not None and m.param.group is not None and m.index is not None:
+                by_member.setdefault((m.param.group, m.index), []).append(m)
+        layout = _Layout(tuple(methods), tuple(m for m in methods if m.member is None),
+                         {k: tuple(v) for k, v in by_member.items()})
+        self._layout_cache = (key, layout)  # replaced whole: readers on other threads see either
+        return layout
 
     def reading(self, live: LiveState, method: Method) -> Reading:
         """What a method reads as: the value in force, or `neutral()` where nothing is."""
@@ -112,31 +137,27 @@ class AddressTree:
         """Every value method's reading, by full path."""
         return {m.path: self.reading(live, m) for m in self.methods(live) if m.param.kind == "value"}
 
-    def _in_use(self, live: LiveState, methods: list[Method]) -> dict[str, bool]:
-        groups = live.indexed()
-        return {m.member: m.index in groups.get(m.param.group or "", {}) for m in methods if m.member is not None}
-
     # -- the tree
 
     def describe(self, live: LiveState) -> dict[str, Any]:
         """The whole tree as OSCQuery JSON (`GET /`)."""
-        methods = self.methods(live)
-        in_use = self._in_use(live, methods)
+        layout = self._layout(live)
+        groups = live.indexed()
         presets: list[str] | None = None
         root: dict[str, Any] = {"FULL_PATH": "/", "ACCESS": 0, "DESCRIPTION": self.name, "CONTENTS": {}}
-        for m in methods:
+        containers = {"": root}
+        for m in layout.methods:
             if m.param.key == "preset" and presets is None:
                 presets = list(list_presets())
-            node = self._method_node(live, m, presets)
-            parent = _container_for(root, m.path)
-            name = m.path.rsplit("/", 1)[1]
+            where, _, name = m.path.rpartition("/")
+            parent = containers.get(where) or _container(containers, where)
             if name in parent["CONTENTS"]:
                 raise ValueError(f"{m.path} is given twice, or is a method and a container at once")
-            parent["CONTENTS"][name] = node
-        for path, used in in_use.items():
-            container = _container_for(root, path + "/x")
-            number = path.rsplit("/", 1)[1]
-            container["DESCRIPTION"] = f"{path.rsplit('/', 2)[1]} {number}" + ("" if used else " (not in use)")
+            parent["CONTENTS"][name] = self._method_node(live, m, presets)
+        for (group, n), methods in layout.by_member.items():
+            used = n in groups.get(group, {})
+            containers[methods[0].member or ""]["DESCRIPTION"] = (
+                f"{group.rsplit('/', 2)[1]} {n}" + ("" if used else " (not in use)"))
         return root
 
     def _method_node(self, live: LiveState, m: Method, presets: list[str] | None) -> dict[str, Any]:
@@ -148,7 +169,7 @@ class AddressTree:
         reading = self.reading(live, m)
         node: dict[str, Any] = {
             "FULL_PATH": m.path,
-            "TYPE": "".join(tag for tag, _ in reading),
+            "TYPE": _tags(reading),
             "ACCESS": 3,
             "VALUE": [v for _, v in reading],
             "DESCRIPTION": description,
@@ -175,21 +196,44 @@ class AddressTree:
 
     def changes(self, live: LiveState) -> tuple[list[tuple[str, bytes]], list[str]]:
         """Since the last call: the (path, OSC message) of every value that changed, and the paths
-        whose description changed (an indexed member that came or went, a method whose type did)."""
-        if live is self._told:
+        whose description changed (an indexed member that came or went, a method whose type did).
+
+        Only what can have changed is read again: the single addresses, and the members of
+        indexed groups whose state is not the same object (or equal) as before."""
+        old = self._told
+        if live is old:
             return [], []
-        methods = self.methods(live)
-        readings = {m.path: self.reading(live, m) for m in methods if m.param.kind == "value"}
-        members = self._in_use(live, methods)
-        first = self._told is None
-        old_readings, old_members = self._told_readings, self._told_members
-        self._told, self._told_readings, self._told_members = live, readings, members
-        if first:
-            return [], []
-        values = [(path, packet(path, r)) for path, r in readings.items() if old_readings.get(path) != r]
-        paths = [path for path, used in members.items() if old_members.get(path) != used]
-        paths += [path for path, r in readings.items()
-                  if path in old_readings and _tags(old_readings[path]) != _tags(r)]
+        layout = self._layout(live)
+        if old is None or layout is not self._told_layout:
+            self._told_readings = {}
+            dirty = list(layout.methods)
+        else:
+            dirty = list(layout.single)
+            before, now = old.indexed(), live.indexed()
+            for (group, n), methods in layout.by_member.items():
+                if before.get(group, {}).get(n) != now.get(group, {}).get(n):
+                    dirty += methods
+        self._told, self._told_layout = live, layout
+        told = self._told_readings
+        first = not told
+        values: list[tuple[str, bytes]] = []
+        paths: list[str] = []
+        for m in dirty:
+            if m.param.kind != "value":
+                continue
+            reading = self.reading(live, m)
+            was = told.get(m.path)
+            told[m.path] = reading
+            if first or was == reading:
+                continue
+            values.append((m.path, packet(m.path, reading)))
+            if was is not None and _tags(was) != _tags(reading):
+                paths.append(m.path)
+        if not first and old is not None:
+            before, now = old.indexed(), live.indexed()
+            for (group, n), methods in layout.by_member.items():
+                if (n in before.get(group, {})) != (n in now.get(group, {})):
+                    paths.insert(0, methods[0].member or "")
         return values, paths
 
 
@@ -205,20 +249,19 @@ def _range(arg: Arg) -> dict[str, Any] | None:
     return {k: v for k, v in (("MIN", arg.min), ("MAX", arg.max)) if v is not None}
 
 
-def _container_for(root: dict[str, Any], path: str) -> dict[str, Any]:
-    """The container that holds `path` (created along the way); a method in the way is an error."""
-    here = root
-    parts = [p for p in path.split("/") if p][:-1]
-    for i, part in enumerate(parts):
-        contents = here["CONTENTS"]
-        child = contents.get(part)
-        if child is None:
-            child = {"FULL_PATH": "/" + "/".join(parts[: i + 1]), "ACCESS": 0, "DESCRIPTION": part, "CONTENTS": {}}
-            contents[part] = child
-        elif "CONTENTS" not in child:
-            raise ValueError(f"{child['FULL_PATH']} is a method and a container at once (under it: {path})")
-        here = child
-    return here
+def _container(containers: dict[str, dict[str, Any]], path: str) -> dict[str, Any]:
+    """The container at `path`, created (with its parents) if new, its name as description; a
+    method in the way is an error: the address space must be a tree. `containers` maps each
+    container's path ("" for the root) to it."""
+    parent_path, _, name = path.rpartition("/")
+    parent = containers.get(parent_path) or _container(containers, parent_path)
+    node = parent["CONTENTS"].get(name)
+    if node is None:
+        node = parent["CONTENTS"][name] = {"FULL_PATH": path, "ACCESS": 0, "DESCRIPTION": name, "CONTENTS": {}}
+    elif "CONTENTS" not in node:
+        raise ValueError(f"{path} is a method and a container at once")
+    containers[path] = node
+    return node
 
 
 def find_node(tree: dict[str, Any], path: str) -> dict[str, Any] | None:
