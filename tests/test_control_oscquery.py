@@ -5,6 +5,7 @@ bounds (many clients, a slow one, one that vanishes, one too many)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
@@ -258,7 +259,8 @@ class Listener:
     """A websocket client (the websockets library's): LISTEN/IGNORE, and what it received."""
 
     def __init__(self, port: int) -> None:
-        self.ws = connect(f"ws://127.0.0.1:{port}/", open_timeout=10)
+        self._closing = contextlib.ExitStack()
+        self.ws = self._closing.enter_context(connect(f"ws://127.0.0.1:{port}/", open_timeout=10))
         self.values: list[tuple[str, list[Any]]] = []
         self.notes: list[dict[str, Any]] = []
 
@@ -293,7 +295,7 @@ class Listener:
         threading.Thread(target=loop, daemon=True).start()
 
     def close(self) -> None:
-        self.ws.close()
+        self._closing.close()
 
 
 def test_listen_delivers_every_applied_change_as_osc_and_path_changed_follows_brushes(node) -> None:
@@ -438,7 +440,7 @@ def read_frames(sock: socket.socket, seconds: float) -> list[bytes]:
 def server():  # noqa: ANN201
     """An OscQueryServer with one method, /a, whose value the test publishes."""
     value = {"now": b""}
-    q = OscQueryServer("127.0.0.1", 0, lambda: {"FULL_PATH": "/", "CONTENTS": {"a": {"FULL_PATH": "/a"}}},
+    q = OscQueryServer("127.0.0.1", 0, lambda path: {"FULL_PATH": "/a", "TYPE": "is"} if path == "/a" else None,
                        lambda: {"NAME": "t", "OSC_PORT": 1, "OSC_TRANSPORT": "UDP", "EXTENSIONS": {}},
                        lambda path: [("/a", value["now"])] if path in ("/", "/a") else None,
                        max_clients=3, send_timeout_s=2.0)
@@ -510,7 +512,7 @@ def test_one_client_too_many_is_refused_and_the_allow_list_holds(server) -> None
     finally:
         for c in clients:
             c.close()
-    denied = OscQueryServer("127.0.0.1", 0, lambda: {}, lambda: {}, allowed=lambda host: False)
+    denied = OscQueryServer("127.0.0.1", 0, lambda path: {}, lambda: {}, allowed=lambda host: False)
     denied.start()
     try:
         assert get(denied.port, "/")[0] == 403

@@ -738,7 +738,8 @@ class OscServer:
         host = self.config.host
         tree = AddressTree(self._prefix, self.group_slots, self._display_name())
         server = OscQueryServer(
-            host, int(self.config.oscquery_port or 0), lambda: tree.describe(self._live()), self.oscquery_host_info,
+            host, int(self.config.oscquery_port or 0), lambda path: tree.describe(self._live(), path),
+            self.oscquery_host_info,
             lambda path: tree.packets(self._live(), path), allowed=self._is_allowed,
         )
         try:

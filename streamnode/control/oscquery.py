@@ -24,6 +24,7 @@ The websocket and HTTP protocol are `websockets`' (`pip install 'streamnode[oscq
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -33,7 +34,6 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from streamnode.control.oscquery_tree import find_node
 from streamnode.log_limit import LogLimiter
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ _CLOSE_S = 1.0
 _MAX_COMMAND = 64 * 1024
 _SEND_BUFFER = 256 * 1024  # a whole tree's worth of LISTEN values, several times over
 
-DescribeFn = Callable[[], dict[str, Any]]
+DescribeFn = Callable[[str], "dict[str, Any] | None"]
 CurrentFn = Callable[[str], "list[tuple[str, bytes]] | None"]
 
 
@@ -113,9 +113,9 @@ class _Client:
 class OscQueryServer:
     """HTTP + websocket OSCQuery server on `host:port`, in threads of its own.
 
-    `describe()` returns the whole tree now; `current(path)` the current value of every method at
-    or under `path` as (address, OSC message) pairs, None for an unknown path; `host_info()` the
-    HOST_INFO object. `start()` binds (raises OSError, or ImportError naming the extra);
+    `describe(path)` returns the node at `path` now, with everything under it (None if there is
+    none); `current(path)` the current value of every method at or under `path` as (address, OSC
+    message) pairs, None for an unknown path; `host_info()` the HOST_INFO object. `start()` binds (raises OSError, or ImportError naming the extra);
     `stop(timeout)` closes every connection and joins; both safe twice.
     """
 
@@ -191,6 +191,8 @@ class OscQueryServer:
             with self._lock:
                 clients = list(self._clients)
             for client in clients:
+                with contextlib.suppress(OSError):
+                    client.connection.socket.shutdown(socket.SHUT_RDWR)  # ends a send blocked on it
                 client.connection.close_socket()
             closer.join(1.0)
         if self._thread is not None:
@@ -233,7 +235,7 @@ class OscQueryServer:
         try:
             if query == "HOST_INFO":
                 return _response(HTTPStatus.OK, self.host_info())
-            node = find_node(self.describe(), path)
+            node = self.describe(path)
         except Exception:  # a bug in describing the tree must not kill the server
             logger.exception("OSCQuery: cannot describe %s", path)
             return _response(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"})

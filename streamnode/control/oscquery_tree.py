@@ -139,14 +139,19 @@ class AddressTree:
 
     # -- the tree
 
-    def describe(self, live: LiveState) -> dict[str, Any]:
-        """The whole tree as OSCQuery JSON (`GET /`)."""
+    def describe(self, live: LiveState, path: str = "/") -> dict[str, Any] | None:
+        """The node at `path` as OSCQuery JSON, with everything under it (`GET /` is the whole
+        tree); None when there is no such node. Only what is under `path` is read."""
+        path = path.rstrip("/")
+        inside = path + "/"
         layout = self._layout(live)
         groups = live.indexed()
         presets: list[str] | None = None
         root: dict[str, Any] = {"FULL_PATH": "/", "ACCESS": 0, "DESCRIPTION": self.name, "CONTENTS": {}}
         containers = {"": root}
         for m in layout.methods:
+            if path and m.path != path and not m.path.startswith(inside):
+                continue
             if m.param.key == "preset" and presets is None:
                 presets = list(list_presets())
             where, _, name = m.path.rpartition("/")
@@ -155,10 +160,11 @@ class AddressTree:
                 raise ValueError(f"{m.path} is given twice, or is a method and a container at once")
             parent["CONTENTS"][name] = self._method_node(live, m, presets)
         for (group, n), methods in layout.by_member.items():
-            used = n in groups.get(group, {})
-            containers[methods[0].member or ""]["DESCRIPTION"] = (
-                f"{group.rsplit('/', 2)[1]} {n}" + ("" if used else " (not in use)"))
-        return root
+            container = containers.get(methods[0].member or "")
+            if container is not None:
+                used = n in groups.get(group, {})
+                container["DESCRIPTION"] = f"{group.rsplit('/', 2)[1]} {n}" + ("" if used else " (not in use)")
+        return find_node(root, path)
 
     def _method_node(self, live: LiveState, m: Method, presets: list[str] | None) -> dict[str, Any]:
         p = m.param
