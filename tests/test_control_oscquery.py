@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from pythonosc.osc_message import OscMessage
-from support import Surface, small_config, tiny_factory, wait_for
+from support import Surface, message, small_config, tiny_factory, wait_for
 
 from streamnode.control.osc import ADDRESSES, param_address
 from streamnode.control.oscquery import OscQueryServer
@@ -133,6 +133,27 @@ def test_the_address_table_is_a_proper_osc_tree() -> None:
         parts = path.split("/")
         for i in range(2, len(parts)):
             assert "/".join(parts[:i]) not in paths, f"{'/'.join(parts[:i])} is a method and a container of {path}"
+
+
+def test_a_group_without_a_slot_count_lists_its_members_in_force_and_follows_them() -> None:
+    """The tree and PATH_CHANGED come from LiveState's indexed groups: with no slot count for a
+    group, exactly the members in force are listed, and one that comes or goes is a changed path."""
+    from streamnode.control.oscquery_tree import AddressTree
+    from streamnode.live_params import BrushParams, BrushState, LiveState
+
+    tree = AddressTree("/x", slots={})
+    empty = LiveState()
+    assert set(tree.describe(empty, "/x/brush")["CONTENTS"]) == {"order"}
+    tree.changes(empty)
+    two = empty.replace(brushes={2: BrushState(BrushParams(prompt="a hat"))}, brush_order=(2,))
+    brush = tree.describe(two, "/x/brush")
+    assert set(brush["CONTENTS"]) == {"2", "order"} and brush["CONTENTS"]["2"]["DESCRIPTION"] == "brush 2"
+    values, paths = tree.changes(two)
+    assert paths == ["/x/brush/2"]
+    assert dict(values)["/x/brush/2/prompt"] == message("/x/brush/2/prompt", "a hat")
+    assert tree.changes(two) == ([], [])
+    assert tree.changes(empty)[1] == ["/x/brush/2"]
+    assert tree.describe(empty, "/x/brush/2") is None
 
 
 def test_tree_has_every_parameter_with_types_ranges_and_values(node) -> None:

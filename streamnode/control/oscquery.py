@@ -105,18 +105,15 @@ class _Client:
             self._outbox.clear()
         return messages
 
-    @property
-    def pending(self) -> int:
-        return len(self._outbox)
-
 
 class OscQueryServer:
     """HTTP + websocket OSCQuery server on `host:port`, in threads of its own.
 
     `describe(path)` returns the node at `path` now, with everything under it (None if there is
     none); `current(path)` the current value of every method at or under `path` as (address, OSC
-    message) pairs, None for an unknown path; `host_info()` the HOST_INFO object. `start()` binds (raises OSError, or ImportError naming the extra);
-    `stop(timeout)` closes every connection and joins; both safe twice.
+    message) pairs, None for an unknown path; `host_info()` the HOST_INFO object. `start()` binds
+    (raises OSError, or ImportError naming the extra); `stop(timeout)` closes every connection
+    and joins; both safe twice.
     """
 
     def __init__(

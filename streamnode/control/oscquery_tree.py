@@ -117,8 +117,7 @@ class AddressTree:
             size = self.slots.get(p.group)
             indices = range(size) if size is not None else sorted(groups.get(p.group, {}))
             for n in indices:
-                member = self.prefix + p.group.replace("/N", f"/{n}")
-                methods.append(Method(self.prefix + param_address(p, n), p, n, member))
+                methods.append(Method(self.prefix + param_address(p, n), p, n, self._member_path(p.group, n)))
         by_member: dict[tuple[str, int], list[Method]] = {}
         for m in methods:
             if m.member is not None and m.param.group is not None and m.index is not None:
@@ -127,6 +126,9 @@ class AddressTree:
                          {k: tuple(v) for k, v in by_member.items()})
         self._layout_cache = (key, layout)  # replaced whole: readers on other threads see either
         return layout
+
+    def _member_path(self, group: str, n: int) -> str:
+        return f"{self.prefix}{group.removesuffix('/N')}/{n}"
 
     def reading(self, live: LiveState, method: Method) -> Reading:
         """What a method reads as: the value in force, or `neutral()` where nothing is."""
@@ -210,18 +212,17 @@ class AddressTree:
         if live is old:
             return [], []
         layout = self._layout(live)
+        before, now = (old.indexed() if old is not None else {}), live.indexed()
         if old is None or layout is not self._told_layout:
-            self._told_readings = {}
             dirty = list(layout.methods)
+            self._told_readings = {k: v for k, v in self._told_readings.items() if k in {m.path for m in dirty}}
         else:
             dirty = list(layout.single)
-            before, now = old.indexed(), live.indexed()
             for (group, n), methods in layout.by_member.items():
                 if before.get(group, {}).get(n) != now.get(group, {}).get(n):
                     dirty += methods
         self._told, self._told_layout = live, layout
         told = self._told_readings
-        first = not told
         values: list[tuple[str, bytes]] = []
         paths: list[str] = []
         for m in dirty:
@@ -230,17 +231,20 @@ class AddressTree:
             reading = self.reading(live, m)
             was = told.get(m.path)
             told[m.path] = reading
-            if first or was == reading:
+            if old is None or was == reading:
                 continue
             values.append((m.path, packet(m.path, reading)))
             if was is not None and _tags(was) != _tags(reading):
                 paths.append(m.path)
-        if not first and old is not None:
-            before, now = old.indexed(), live.indexed()
-            for (group, n), methods in layout.by_member.items():
-                if (n in before.get(group, {})) != (n in now.get(group, {})):
-                    paths.insert(0, methods[0].member or "")
+        if old is not None:
+            for group in _GROUPS:
+                came_or_went = set(before.get(group, {})) ^ set(now.get(group, {}))
+                paths[:0] = [self._member_path(group, n) for n in sorted(came_or_went)]
         return values, paths
+
+
+_GROUPS = tuple(dict.fromkeys(p.group for p in ADDRESSES if p.group is not None))
+"""The indexed groups that have addresses."""
 
 
 def _tags(reading: Reading) -> str:
