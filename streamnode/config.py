@@ -148,8 +148,11 @@ class OscConfig(_Section):
     @field_validator("prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
-        if v and (not v.startswith("/") or v.endswith("/") or " " in v):
-            raise ValueError("must look like /vj1 (leading slash, no trailing slash, no spaces)")
+        # OSC 1.0 keeps these characters out of address names (they are pattern syntax), and
+        # OSCQuery clients build a tree from the path: no empty steps either.
+        if v and (not v.startswith("/") or v.endswith("/") or "//" in v or set(v) & set(" #*,?[]{}")):
+            raise ValueError("must look like /vj1: a leading slash, no trailing slash, none of the characters "
+                             "space # * , ? [ ] { }")
         return v
 
     @field_validator("reply")
