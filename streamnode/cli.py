@@ -94,6 +94,8 @@ def doctor_command(args: argparse.Namespace) -> int:
         ("onnxruntime", "onnxruntime", 'pip install "streamnode[onnx]"'),
         ("ndi-python", "NDIlib", 'pip install "streamnode[ndi]"'),
         ("SpoutGL", "SpoutGL", 'pip install "streamnode[spout]" (Windows only)'),
+        ("websockets", "websockets", 'pip install "streamnode[oscquery]" (for --oscquery-port)'),
+        ("zeroconf", "zeroconf", 'pip install "streamnode[oscquery]" (for osc.oscquery_mdns)'),
     ]:
         ok, detail = _probe(module)
         rows.append((name, ok, detail, hint))

@@ -167,15 +167,18 @@ class OscConfig(_Section):
     reply_port: int = Field(7001, ge=1, le=65535)
     prefix: str = Field("", description="address prefix such as /vj1")
     allow: list[str] = Field(default_factory=list, description="CIDR networks allowed to send")
-    oscquery_port: int | None = Field(None, ge=0, le=65535, description="HTTP port for OSCQuery")
-    oscquery_mdns: bool = Field(False, description="announce OSCQuery over mDNS/Bonjour (needs zeroconf)")
+    oscquery_port: int | None = Field(None, ge=0, le=65535, description="TCP port for OSCQuery: HTTP and websocket (needs streamnode[oscquery])")
+    oscquery_mdns: bool = Field(False, description="announce OSCQuery over mDNS/Bonjour where the node listens (needs zeroconf)")
     allow_model_switch: bool = False
 
     @field_validator("prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
-        if v and (not v.startswith("/") or v.endswith("/") or " " in v):
-            raise ValueError("must look like /vj1 (leading slash, no trailing slash, no spaces)")
+        # OSC 1.0 keeps these characters out of address names (they are pattern syntax), and
+        # OSCQuery clients build a tree from the path: no empty steps either.
+        if v and (not v.startswith("/") or v.endswith("/") or "//" in v or set(v) & set(" #*,?[]{}")):
+            raise ValueError("must look like /vj1: a leading slash, no trailing slash, none of the characters "
+                             "space # * , ? [ ] { }")
         return v
 
     @field_validator("reply")

@@ -570,12 +570,27 @@ class LiveState:
 
     Immutable and replaced whole, so any thread may read it. The engine fills `params`,
     `brushes` and `brush_order`; the node adds `node` and the brushes' shm channels.
+
+    An indexed group (several of a kind, numbered: brushes) is a field mapping each number in
+    use to its state, declared with `metadata=osc("/name/N")`: the OSC addresses of its
+    members' fields begin with that (`/brush/N/prompt`), and the state's `params` (or the
+    state itself) carries those fields. OSCQuery lists the group and tells its clients when a
+    member comes or goes from that declaration alone (`indexed()`).
     """
 
     params: LiveParams = field(default_factory=LiveParams)
-    brushes: Mapping[int, BrushState] = field(default_factory=dict)
+    brushes: Mapping[int, BrushState] = field(default_factory=dict, metadata=osc("/brush/N"))
     brush_order: tuple[int, ...] = ()
     node: NodeParams = field(default_factory=NodeParams)
 
     def replace(self, **changes: Any) -> LiveState:
         return dataclasses.replace(self, **changes)
+
+    def indexed(self) -> dict[str, Mapping[int, Any]]:
+        """Each indexed group's members in force, by the group's OSC address: {"/brush/N": brushes}."""
+        return {address: getattr(self, name) for address, name in _indexed_fields()}
+
+
+@functools.cache
+def _indexed_fields() -> tuple[tuple[str, str], ...]:
+    return tuple((f.metadata["osc"], f.name) for f in dataclasses.fields(LiveState) if "osc" in f.metadata)

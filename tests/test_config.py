@@ -68,6 +68,8 @@ def test_set_after_flags_wins() -> None:
         ("stream.seed=-1", ["stream.seed", "-1"]),
         ("stream.guidanc=1", ["unknown key", "stream.guidanc", "guidance_scale"]),
         ("osc.prefix=vj1", ["osc.prefix", "leading slash"]),
+        ("osc.prefix=/vj#1", ["osc.prefix", "/vj#1", "none of the characters"]),
+        ("osc.prefix=/a//b", ["osc.prefix", "/a//b", "/vj1"]),
         ("osc.reply=localhost", ["osc.reply", "host:port"]),
         ("osc.allow=[\"not-a-net\"]", ["osc.allow", "192.168.1.0/24"]),
         ("model.device=gpu", ["model.device", "cuda"]),

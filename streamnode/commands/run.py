@@ -63,7 +63,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--osc-prefix", metavar="/NAME", help="address prefix, e.g. /vj1")
     g.add_argument("--osc-allow", metavar="CIDR[,CIDR]", help="networks allowed to send OSC")
     g.add_argument("--no-osc", action="store_true", default=None, help="no OSC server")
-    g.add_argument("--oscquery-port", type=int, help="serve OSCQuery over HTTP on this port")
+    g.add_argument("--oscquery-port", type=int, help="serve OSCQuery (HTTP, and LISTEN over a websocket) on this port; needs streamnode[oscquery]")
     g.add_argument("--allow-model-switch", action="store_true", default=None, help="allow /model over OSC")
     parser.add_argument("--log-level", choices=_choices(RuntimeConfig, "log_level"))
 

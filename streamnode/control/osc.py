@@ -8,8 +8,9 @@ Three threads, none of which touches the model:
   Every message is handled in isolation: a bad one costs one error reply, never the loop.
 - `osc-send` sends everything that goes out (error replies, the applied echo handed over by
   the engine thread, heartbeat and status) so neither the receive loop nor the engine thread
-  ever waits on a socket.
-- `oscquery-http` (optional, `oscquery.py`) serves the address tree with live values.
+  ever waits on a socket; with OSCQuery it also hands what changed to the LISTEN clients.
+- `oscquery-http` (optional, `oscquery.py`, `oscquery_tree.py`) serves the address tree with
+  live values over HTTP and pushes changes over websockets.
 
 The table (`ADDRESSES`) is derived from the live-parameter schema (live_params.py): every
 address, type, range, default and help text comes from there, so the OSC surface, the config
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import ipaddress
 import logging
 import math
@@ -133,9 +135,16 @@ class Param:
     """Extra check/conversion after types and ranges; raises OscReject."""
     schema: type[BaseModel] | None = None
 
+    @functools.cached_property
+    def group(self) -> str | None:
+        """The indexed group an address belongs to (`/brush/N/prompt` → `/brush/N`); None for a
+        single address. The group's members in force are `LiveState.indexed()[group]`."""
+        head, sep, _ = self.address.partition("/N/")
+        return head + "/N" if sep else None
+
     @property
     def is_brush(self) -> bool:
-        return self.address.startswith("/brush/N/")
+        return self.group == "/brush/N"
 
     @property
     def signature(self) -> str:
@@ -221,7 +230,7 @@ class Param:
     # -- outgoing
 
     def to_osc(self, value: Any) -> list[tuple[str, Any]]:
-        """(tag, value) pairs for the applied echo and OSCQuery VALUE."""
+        """(tag, value) pairs for the applied echo, OSCQuery's VALUE and its LISTEN messages."""
         if self.kind == "trigger" or value is None:
             return []
         flat: list[Any]
@@ -454,10 +463,13 @@ def param_address(param: Param, brush: int | None) -> str:
 
 def value_at(live: LiveState, param: Param, brush: int | None = None) -> Any:
     """The value in force at an address, from the node's live state; None where nothing is in force
-    (the prompt while a blend is, a brush that does not exist, a mask that came as an array)."""
-    if param.is_brush:
-        state = live.brushes.get(brush) if brush is not None else None
-        return None if state is None or param.field is None else getattr(state.params, param.field)
+    (the prompt while a blend is, a brush that does not exist, a mask that came as an array).
+    `brush` is the member's number for any indexed group (`/brush/N/...`)."""
+    if param.group is not None:
+        member = live.indexed().get(param.group, {}).get(brush) if brush is not None else None
+        if member is None or param.field is None:
+            return None
+        return getattr(getattr(member, "params", member), param.field)
     if param.key == "brush_order":
         return list(live.brush_order) or None
     if param.key in NodeParams.model_fields:
@@ -467,12 +479,17 @@ def value_at(live: LiveState, param: Param, brush: int | None = None) -> Any:
     return None
 
 
+def _members(live: LiveState, group: str, limit: int) -> list[int]:
+    return sorted(n for n in live.indexed().get(group, {}) if n < limit)
+
+
 def _changed(old: LiveState, new: LiveState, max_brushes: int) -> list[str]:
-    """The addresses whose value differs between two live states (brushes expanded)."""
-    brushes = sorted(b for b in set(old.brush_order) | set(new.brush_order) if b < max_brushes)
+    """The addresses whose value differs between two live states (indexed groups expanded)."""
     changed = []
     for p in _VALUE_PARAMS:
-        for n in brushes if p.is_brush else [None]:
+        members = None if p.group is None else sorted(
+            set(_members(old, p.group, max_brushes)) | set(_members(new, p.group, max_brushes)))
+        for n in [None] if members is None else members:
             before, now = value_at(old, p, n), value_at(new, p, n)
             if (before is None) != (now is None) or (before is not None and not _same(before, now)):
                 changed.append(param_address(p, n))
@@ -480,10 +497,10 @@ def _changed(old: LiveState, new: LiveState, max_brushes: int) -> list[str]:
 
 
 def live_values(live: LiveState, max_brushes: int) -> dict[str, Any]:
-    """Every address with a value in force (brushes expanded): what /status and OSCQuery report."""
+    """Every address with a value in force (indexed groups expanded): what /status reports."""
     values: dict[str, Any] = {}
     for p in _VALUE_PARAMS:
-        for n in (b for b in live.brush_order if b < max_brushes) if p.is_brush else [None]:
+        for n in [None] if p.group is None else _members(live, p.group, max_brushes):
             value = value_at(live, p, n)
             if value is not None:
                 values[param_address(p, n)] = value
@@ -628,7 +645,11 @@ class OscServer:
         self._sock: socket.socket | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._oscquery: Any = None
+        self._oscquery: Any = None  # OscQueryServer, with --oscquery-port
+        self._tree: Any = None  # its AddressTree; changes() is called on the sender thread only
+        self._announcement: Any = None  # mDNS, with osc.oscquery_mdns
+        # Indexed groups' slot counts: every slot is listed in OSCQuery (writing one creates it).
+        self.group_slots: dict[str, int] = {"/brush/N": self.max_brushes}
         self._started = False
         self._stopped = False
 
@@ -704,30 +725,42 @@ class OscServer:
         for t in self._threads:
             t.start()
         if self.config.oscquery_port is not None:
-            from streamnode.control.oscquery import OscQueryServer
-
-            self._oscquery = OscQueryServer(
-                host,
-                self.config.oscquery_port,
-                self.oscquery_nodes,
-                self.oscquery_host_info,
-                allowed=self._is_allowed,
-                mdns=self.config.oscquery_mdns,
-                name=self._display_name(),
-            )
-            try:
-                self._oscquery.start()
-            except OSError as e:
-                self.stop()
-                raise OscStartError(
-                    f"OSCQuery: cannot listen on {host}:{self.config.oscquery_port}: {e}; "
-                    "choose another --oscquery-port"
-                ) from e
+            self._start_oscquery()
         logger.info(
             "OSC listening on %s:%d%s%s", host, self.port,
             f", prefix {self._prefix}" if self._prefix else "",
             f", OSCQuery on http://{host}:{self.oscquery_port}/" if self._oscquery else "",
         )
+
+    def _start_oscquery(self) -> None:
+        from streamnode.control.oscquery import OscQueryServer
+        from streamnode.control.oscquery_tree import AddressTree
+
+        host = self.config.host
+        tree = AddressTree(self._prefix, self.group_slots, self._display_name())
+        server = OscQueryServer(
+            host, int(self.config.oscquery_port or 0), lambda path: tree.describe(self._live(), path),
+            self.oscquery_host_info,
+            lambda path: tree.packets(self._live(), path), allowed=self._is_allowed,
+        )
+        try:
+            server.start()
+        except ImportError as e:
+            self.stop()
+            raise OscStartError(f"{e}; or run without --oscquery-port") from e
+        except OSError as e:
+            self.stop()
+            raise OscStartError(
+                f"OSCQuery: cannot listen on {host}:{self.config.oscquery_port}: {e}; choose another --oscquery-port"
+            ) from e
+        tree.changes(self._live())  # LISTEN clients are told what changes from here on
+        # The sender thread publishes once it sees the server; the tree is ready before.
+        self._tree, self._oscquery = tree, server
+        if self.config.oscquery_mdns:
+            from streamnode.control.discovery import Announcement
+
+            self._announcement = Announcement(self._display_name(), host, server.port, self.port)
+            self._announcement.start()
 
     def stop(self, timeout: float = 2.0) -> None:
         if not self._started or self._stopped:
@@ -736,6 +769,8 @@ class OscServer:
         self._stop.set()
         self._wake_receiver()
         deadline = time.monotonic() + timeout
+        if self._announcement is not None:
+            self._announcement.stop(max(0.1, deadline - time.monotonic()))
         if self._oscquery is not None:
             self._oscquery.stop(max(0.1, deadline - time.monotonic()))
         for t in self._threads:
@@ -1002,6 +1037,8 @@ class OscServer:
             try:
                 self._flush_outbox()
                 self._echo_changes()
+                if self._oscquery is not None:
+                    self._oscquery.publish(*self._tree.changes(self._live()))
                 now = time.monotonic()
                 if now < next_poll:
                     continue
@@ -1120,45 +1157,11 @@ class OscServer:
     def _display_name(self) -> str:
         return f"{self.name} {self._prefix}".strip()
 
-    def oscquery_nodes(self) -> list[dict[str, Any]]:
-        """One OSCQuery description per address (brushes expanded), with current values."""
-        nodes = []
-        presets = None
-        values = live_values(self._live(), self.max_brushes)
-        for p in ADDRESSES:
-            for n in range(self.max_brushes) if p.is_brush else [None]:
-                local = param_address(p, n)
-                node: dict[str, Any] = {"FULL_PATH": self._prefix + local, "DESCRIPTION": p.description}
-                if p.kind == "trigger":
-                    node["ACCESS"] = 2
-                    node["TYPE"] = "N"
-                    nodes.append(node)
-                    continue
-                value = values.get(local)
-                node["ACCESS"] = 3
-                node["TYPE"] = p.osc_types(value)
-                count = len(node["TYPE"]) // len(p.args)
-                ranges = []
-                for a in list(p.args) * count:
-                    if a.choices:
-                        ranges.append({"VALS": list(a.choices)})
-                    elif a.tag == "s":
-                        ranges.append({})
-                    else:
-                        ranges.append({"MIN": a.min, "MAX": a.max})
-                if p.key == "preset":
-                    presets = list(list_presets()) if presets is None else presets
-                    ranges = [{"VALS": presets}]
-                node["RANGE"] = ranges
-                if value is not None:
-                    node["VALUE"] = [v for _, v in p.to_osc(value)]
-                nodes.append(node)
-        return nodes
-
     def oscquery_host_info(self) -> dict[str, Any]:
-        return {
-            "NAME": self._display_name(),
-            "OSC_IP": self.config.host,
+        info: dict[str, Any] = {"NAME": self._display_name()}
+        if self.config.host not in ("0.0.0.0", "::"):  # a wildcard: clients use the address they reached us at
+            info["OSC_IP"] = self.config.host
+        info.update({
             "OSC_PORT": self.port,
             "OSC_TRANSPORT": "UDP",
             "EXTENSIONS": {
@@ -1168,7 +1171,11 @@ class OscServer:
                 "DESCRIPTION": True,
                 "TAGS": False,
                 "CLIPMODE": False,
-                "LISTEN": False,
-                "PATH_CHANGED": False,
+                "LISTEN": True,
+                "PATH_CHANGED": True,
+                "PATH_ADDED": False,
+                "PATH_REMOVED": False,
+                "PATH_RENAMED": False,
             },
-        }
+        })
+        return info
