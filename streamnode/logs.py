@@ -5,7 +5,7 @@ script with `stdout=PIPE`, a suspended terminal, a stuck log shipper). Writing t
 blocks once its buffer (64 KB for a pipe) is full, and a thread that logs would block with it.
 So no node thread writes:
 
-- Every log record goes through the root logger's one handler (`_Router`) into a bounded queue
+- Every log record goes through the root logger's one handler (`LogRouter`) into a bounded queue
   per output (the console, the log file); appending never waits on I/O.
 - One writer thread per output (`log-writer:console`, `log-writer:file`) formats and writes.
   While its output is stuck the queue keeps the newest 256 KB of records and drops the oldest,
@@ -369,7 +369,7 @@ def _note(message: str, count: int) -> logging.LogRecord:
 # -- the root logger's handler --------------------------------------------------------------------
 
 
-class _Router(logging.Handler):
+class LogRouter(logging.Handler):
     """Hands each record to every output; the calling thread only formats the message."""
 
     def __init__(self, outputs: list[LogOutput]) -> None:
@@ -490,7 +490,7 @@ def _flush_std() -> None:
 class Logs:
     """The run's logging, from `start_logging()` to `close()` (or the end of a `with` block)."""
 
-    def __init__(self, router: _Router, capture: _StdioCapture | None, restore: Callable[[], None]) -> None:
+    def __init__(self, router: LogRouter, capture: _StdioCapture | None, restore: Callable[[], None]) -> None:
         self.router = router
         self.capture = capture
         self._restore = restore
@@ -544,7 +544,7 @@ def start_logging(level: str, fmt: LogFormat = "text", *, file: Path | None = No
         # No stderr at all (a GUI launch on Windows): the file, if any, is the log.
         with contextlib.suppress(OSError):
             outputs.append(LogOutput("console", Console(2), _formatter(fmt, CONSOLE_TIME), capacity))
-    router = _Router(outputs)
+    router = LogRouter(outputs)
     root = logging.getLogger()
     # Handlers that write to the console themselves would block with it: they step aside.
     displaced = [h for h in root.handlers if isinstance(h, logging.StreamHandler)
