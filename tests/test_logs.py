@@ -273,6 +273,22 @@ def test_a_stuck_output_never_blocks_the_caller_and_reports_each_gap_exactly() -
     os.close(read)
 
 
+def test_a_reader_that_goes_away_ends_the_output_not_the_caller() -> None:
+    read, write = os.pipe()
+    output = LogOutput("console", Console(write), TextFormatter(CONSOLE_TIME))
+    os.close(write)
+    log = logging.getLogger("test.gone")
+    output.offer(log.makeRecord(log.name, logging.INFO, __file__, 0, "before", (), None))
+    assert output.wait_idle(time.monotonic() + 5)
+    assert read_available(read, 1.0).endswith(b"before\n")
+    os.close(read)  # `streamnode run | head -1`: the reader is gone for good
+    for i in range(2000):
+        output.offer(log.makeRecord(log.name, logging.INFO, __file__, 0, "after %d", (i,), None))
+    assert output.wait_idle(time.monotonic() + 5)  # nothing left to wait for, nothing raised
+    output.stop()
+    output.close()
+
+
 def test_the_log_file_rotates_between_lines_and_keeps_the_newest(tmp_path: Path) -> None:
     path = tmp_path / "node.log"
     output = LogOutput("file", RotatingFile(path, max_bytes=1000, backups=2), TextFormatter(CONSOLE_TIME))
