@@ -289,6 +289,42 @@ def test_a_reader_that_goes_away_ends_the_output_not_the_caller() -> None:
     output.close()
 
 
+class FillingDisk:
+    """A file on a disk that is full for a while (ENOSPC), then has room again."""
+
+    where = "node.log"
+    stuck_reason = "node.log could not keep up"
+
+    def __init__(self) -> None:
+        self.full = True
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        if self.full:
+            raise OSError(28, "No space left on device")
+        self.data += data
+
+    def close(self) -> None:
+        pass
+
+
+def test_lines_a_full_disk_refused_are_counted_once_it_has_room() -> None:
+    disk = FillingDisk()
+    output = LogOutput("file", disk, TextFormatter(CONSOLE_TIME))
+    log = logging.getLogger("test.disk")
+    for i in range(5):
+        output.offer(log.makeRecord(log.name, logging.INFO, __file__, 0, "line %d", (i,), None))
+    wait_for(lambda: output.lost == 5, timeout=5, what="five lines lost")
+    disk.full = False
+    output.offer(log.makeRecord(log.name, logging.INFO, __file__, 0, "line 5", (), None))
+    assert output.wait_idle(time.monotonic() + 5)
+    lines = disk.data.decode().splitlines()
+    assert lines[0].endswith("5 log lines lost: cannot write node.log: No space left on device")
+    assert lines[1].endswith("line 5") and len(lines) == 2
+    output.stop()
+    output.close()
+
+
 def test_the_log_file_rotates_between_lines_and_keeps_the_newest(tmp_path: Path) -> None:
     path = tmp_path / "node.log"
     output = LogOutput("file", RotatingFile(path, max_bytes=1000, backups=2), TextFormatter(CONSOLE_TIME))
