@@ -217,11 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
-    logging.basicConfig(
-        level=getattr(logging, str(getattr(args, "log_level", "info") or "info").upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    if args.command not in ("run", "demo"):
+        # `run` sets up its own logging (streamnode/logs.py): a node must never block on its output.
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
     try:
         return args.func(args)
     except KeyboardInterrupt:

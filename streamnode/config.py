@@ -223,6 +223,14 @@ class RuntimeConfig(_Section):
     ring_slots: int = Field(4, ge=2, le=64)
     metrics_interval_s: float = Field(5.0, gt=0.0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: a line per record; json: one JSON object per line (for log collectors)"
+    )
+    log_file: str | None = Field(
+        None, min_length=1, description="also write the log to this file, rotated by size (FILE, FILE.1, …)"
+    )
+    log_file_max_mb: float = Field(10.0, gt=0.0, le=1e6, description="rotate the log file when it reaches this size")
+    log_file_backups: int = Field(3, ge=0, le=100, description="rotated log files kept (FILE.1 … FILE.N)")
     max_brushes: int = Field(8, ge=0, le=MAX_BRUSHES)
     engine: Literal["stream", "passthrough"] = Field(
         "stream", description="stream: the diffusion engine; passthrough: input resized to the output (tests, benchmarks)"

@@ -1,4 +1,4 @@
-"""`streamnode run` (and `demo`): flags → validated config → a node, signals, exit codes."""
+"""`streamnode run` (and `demo`): flags → validated config → logging → a node, signals, exit codes."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import get_args
 
 from streamnode.config import ConfigError, ModelConfig, NodeConfig, RuntimeConfig, SourceConfig, load_config
+from streamnode.logs import LogSetupError, start_logging
 from streamnode.node import EXIT_FAILURE, EXIT_USAGE, Node, StartupError
 
 logger = logging.getLogger(__name__)
@@ -65,7 +67,16 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-osc", action="store_true", default=None, help="no OSC server")
     g.add_argument("--oscquery-port", type=int, help="serve OSCQuery (HTTP, and LISTEN over a websocket) on this port; needs streamnode[oscquery]")
     g.add_argument("--allow-model-switch", action="store_true", default=None, help="allow /model over OSC")
-    parser.add_argument("--log-level", choices=_choices(RuntimeConfig, "log_level"))
+    g = parser.add_argument_group("logging (never blocks the node: output nobody reads is dropped and counted)")
+    g.add_argument("--log-level", choices=_choices(RuntimeConfig, "log_level"))
+    g.add_argument("--log-file", metavar="FILE",
+                   help="also write the log to FILE, rotated by size (FILE.1 … FILE.3, 10 MB each; "
+                        "runtime.log_file_max_mb, runtime.log_file_backups)")
+    g.add_argument("--log-format", choices=_choices(RuntimeConfig, "log_format"),
+                   help="json: one JSON object per line, for supervisors and log collectors")
+    g.add_argument("--quiet", action="store_true", default=None,
+                   help="write nothing to stdout or stderr (for launchers that do not read them); "
+                        "with --log-file the log goes there")
 
 
 _FLAG_KEYS = {
@@ -75,7 +86,7 @@ _FLAG_KEYS = {
     "model": "model.id", "accel": "model.accel", "device": "model.device", "osc_host": "osc.host",
     "osc_port": "osc.port", "osc_reply": "osc.reply", "osc_prefix": "osc.prefix", "osc_allow": "osc.allow",
     "oscquery_port": "osc.oscquery_port", "allow_model_switch": "osc.allow_model_switch",
-    "log_level": "runtime.log_level",
+    "log_level": "runtime.log_level", "log_file": "runtime.log_file", "log_format": "runtime.log_format",
 }
 _OSC_ON_FLAGS = ("osc_host", "osc_port", "oscquery_port")
 
@@ -103,19 +114,23 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
 
 
 @contextlib.contextmanager
-def shutdown_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGINT/SIGTERM set `stop`; a second one exits at once. Old handlers come back afterwards."""
+def shutdown_signals(stop: threading.Event, on_force: Callable[[], None] | None = None) -> Iterator[None]:
+    """SIGINT/SIGTERM set `stop`; a second one calls `on_force` (a moment to write the log out),
+    then exits at once. Old handlers come back afterwards."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signals can only be handled on the main thread; the caller stops us instead
         return
 
     def handle(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
         if stop.is_set():
             # The graceful path is stuck: leave now. The OS releases devices and sockets, and
             # the resource tracker removes our shared-memory segments.
-            os.write(2, b"streamnode: forced exit\n")
+            logger.warning("%s again: forced exit", name)
+            if on_force is not None:
+                on_force()
             os._exit(130)
-        logger.info("%s: shutting down (again to force)", signal.Signals(signum).name)
+        logger.info("%s: shutting down (again to force)", name)
         stop.set()
 
     signums = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])
@@ -127,6 +142,9 @@ def shutdown_signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(s, old)
 
 
+FORCED_EXIT_LOG_S = 0.3  # how long a forced exit gives the log outputs that still move
+
+
 def run_command(args: argparse.Namespace) -> int:
     """`streamnode run`: exit 0 when stopped or done, 1 when the node cannot run, 2 for a bad config."""
     try:
@@ -134,23 +152,33 @@ def run_command(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"streamnode run: {e}", file=sys.stderr)
         return EXIT_USAGE
-    configure_logging(config.runtime.log_level)
-    node = Node(config)
-    stop = threading.Event()
-    with shutdown_signals(stop):
-        try:
-            code = node.run(stop)
-        except StartupError as e:
-            print(f"streamnode run: {e}", file=sys.stderr)
-            return EXIT_FAILURE
-    print(f"streamnode: {node.summary()}", file=sys.stderr)
-    if node.busy_threads():
+    _start_resource_tracker()
+    rt = config.runtime
+    try:
+        logs = start_logging(
+            rt.log_level, rt.log_format, console=not getattr(args, "quiet", None),
+            file=Path(rt.log_file).expanduser() if rt.log_file else None,
+            file_max_bytes=int(rt.log_file_max_mb * 2**20), file_backups=rt.log_file_backups,
+        )
+    except LogSetupError as e:
+        print(f"streamnode run: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    with logs:
+        node = Node(config)
+        stop = threading.Event()
+        with shutdown_signals(stop, on_force=lambda: logs.drain(FORCED_EXIT_LOG_S)):
+            try:
+                code = node.run(stop)
+            except StartupError as e:
+                print(f"streamnode run: {e}", file=sys.stderr)
+                return EXIT_FAILURE
+        # Through descriptor 2, so it reaches the log file too and can never block.
+        print(f"streamnode: {node.summary()}", file=sys.stderr)
+        busy = node.busy_threads()
+    if busy:
         # An engine call that outlived the deadline (a slow CPU model): its transports are closed
         # already, and letting the interpreter finalise under a running torch op aborts the
-        # process. Leave now, with the exit code we mean.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        # process. Leave now, with the exit code we mean (the log is written out, or stuck).
         os._exit(code)
     # The interpreter's last garbage collections walk torch's and transformers' whole object
     # graph: seconds, on a busy CPU, after everything is closed. Nothing left needs them.
@@ -158,8 +186,14 @@ def run_command(args: argparse.Namespace) -> int:
     return code
 
 
-def configure_logging(level: str) -> None:
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    root.setLevel(getattr(logging, level.upper()))
+def _start_resource_tracker() -> None:
+    """Start Python's resource tracker before the log takes over descriptors 1 and 2.
+
+    Children inherit those descriptors, and this one outlives us: when we die without removing
+    our shared-memory segments it removes them and says so on stderr. It must say so on the real
+    stderr, not on the log's pipe, which ends with this process.
+    """
+    if os.name == "posix":
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
