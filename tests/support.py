@@ -74,6 +74,9 @@ def small_config(**overrides: Any):  # noqa: ANN201 - NodeConfig, imported lazil
         "source.uri": "test://moving?fps=30", "sinks": ["null://"], "stream.width": SMALL, "stream.height": SMALL,
         "stream.t_index_list": [35], "stream.cfg_type": "none", "stream.similarity_threshold": 0.0,
         "stream.prompt_transition_frames": 0, "osc.enabled": False, "runtime.metrics_interval_s": 60.0,
+        # PyTorch as is: `auto` would compile OpenVINO models first (tests/test_accel_openvino.py
+        # covers that); a test about the node should not wait for a compiler.
+        "model.accel": "eager",
     }
     values.update(overrides)
     return load_config(overrides=values)

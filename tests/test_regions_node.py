@@ -304,6 +304,7 @@ def test_brush_config_is_checked_where_it_enters() -> None:
 def test_brushes_demo_preset_runs_with_its_brushes(tiny_model_path) -> None:
     config = load_config(preset="brushes-demo", overrides={
         "stream.width": SIZE, "stream.height": SIZE, "sinks": ["brushtest://"], "osc.enabled": False,
+        "model.accel": "eager",
         "runtime.max_frames": 3, "runtime.duration": None,
     })
     assert [b.prompt for b in config.brushes] == ["roaring flames", "a stormy ocean", "a blazing sun"]
