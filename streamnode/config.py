@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from streamnode.live_params import MAX_BRUSHES, BrushParams, LiveParams, explain
+from streamnode.live_params import MAX_BRUSHES, MAX_LORAS, BrushParams, LiveParams, LoraParams, explain
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,6 +34,12 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     id: str = Field("tiny", description="hub id, local diffusers folder, .safetensors file, or 'tiny'")
     lcm_lora: str | None = Field(None, description="LCM-LoRA to fuse (hub id, folder or .safetensors)")
+    lora_mode: Literal["runtime", "merged"] = Field(
+        "runtime",
+        description="how the [[loras]] stack applies: runtime (adapters; a weight change shows on the next "
+        "frame, a cost every frame) or merged (into the weights; no cost per frame, a weight change "
+        "re-merges off the engine thread); docs/lora.md",
+    )
     use_tiny_vae: bool = Field(True, description="TAESD-class VAE instead of the full VAE")
     tiny_vae: str | None = Field(None, description="TAESD weights; default: the model's own or madebyollin/taesd")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps")
@@ -187,6 +193,10 @@ class BrushConfig(BrushParams):
     """One `[[brushes]]` entry of a preset: a brush's live fields (live_params.BrushParams)."""
 
 
+class LoraConfig(LoraParams):
+    """One `[[loras]]` entry of a preset: a LoRA's live fields (live_params.LoraParams)."""
+
+
 class RuntimeConfig(_Section):
     no_drop: bool = Field(False, description="process every frame in order (offline renders)")
     duration: float | None = Field(None, gt=0.0, description="stop after this many seconds")
@@ -195,6 +205,7 @@ class RuntimeConfig(_Section):
     metrics_interval_s: float = Field(5.0, gt=0.0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_brushes: int = Field(8, ge=0, le=MAX_BRUSHES)
+    max_loras: int = Field(8, ge=0, le=MAX_LORAS, description="LoRA indices /lora/0 .. /lora/(max_loras−1)")
     engine: Literal["stream", "passthrough"] = Field(
         "stream", description="stream: the diffusion engine; passthrough: input resized to the output (tests, benchmarks)"
     )
@@ -209,6 +220,7 @@ class NodeConfig(_Section):
     osc: OscConfig = OscConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     brushes: list[BrushConfig] = Field(default_factory=list)
+    loras: list[LoraConfig] = Field(default_factory=list)
 
     @field_validator("sinks")
     @classmethod
@@ -222,6 +234,8 @@ class NodeConfig(_Section):
     def _brush_count(self) -> NodeConfig:
         if len(self.brushes) > self.runtime.max_brushes:
             raise ValueError(f"{len(self.brushes)} brushes given, runtime.max_brushes is {self.runtime.max_brushes}")
+        if len(self.loras) > self.runtime.max_loras:
+            raise ValueError(f"{len(self.loras)} LoRAs given, runtime.max_loras is {self.runtime.max_loras}")
         return self
 
 

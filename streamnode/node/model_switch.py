@@ -44,10 +44,13 @@ class Loaded:
 
 
 def replay(engine: Engine, state: LiveState) -> None:
-    """Put `state` onto a fresh engine: its parameters at once, then every brush in cover order."""
+    """Put `state` onto a fresh engine: its parameters at once, then every brush in cover order,
+    then every LoRA (read again for this engine's UNet, here on the loader thread)."""
     engine.prepare(state.params)
     for index in state.brush_order:
         engine.update(brush=(index, state.brushes[index].edit()))
+    for index, lora in state.loras.items():
+        engine.update(lora=(index, lora.model_dump()))
 
 
 class ModelLoader:
