@@ -256,3 +256,41 @@ def test_preset_and_config_carry_loras(files, tmp_path) -> None:  # noqa: ANN001
     assert config.model.lora_mode == "merged" and [lo.weight for lo in config.loras] == [0.6, 0.2]
     with pytest.raises(ConfigError, match="max_loras"):
         load_config(preset_file=preset, sets=["runtime.max_loras=1"])
+
+
+# -- with an accelerated UNet ----------------------------------------------------------------------
+
+
+def test_torch_compile_follows_lora_weights_and_hands_new_hooks_to_pytorch(tiny_components, files) -> None:  # noqa: ANN001
+    """Dynamo plumbing (its "eager" backend; inductor reads the weights the same way): merged
+    weights and runtime scales change in place and the compiled UNet follows them; a runtime
+    LoRA added after the trace cannot be seen by it, so the UNet goes to PyTorch, said once."""
+    from streamnode.accel import accelerate, describe_seams
+
+    def reference(mode: str, weights: dict[int, float]) -> torch.Tensor:
+        eager = engine_on(tiny_components, mode=mode)
+        for i, w in weights.items():
+            eager.update(lora=(i, {"source": str(files["ab"[i]]), "weight": w}))
+        out = latent(eager)
+        eager.close()
+        return out
+
+    merged = engine_on(tiny_components, mode="merged")
+    assert accelerate(merged, "compile", compile_backend="eager") == "compile"
+    merged.update(lora=(0, {"source": str(files["a"]), "weight": 0.7}))
+    assert maxdiff(latent(merged), reference("merged", {0: 0.7})) <= 1e-5
+    merged.update(lora=(0, "weight", 0.3))
+    assert maxdiff(latent(merged), reference("merged", {0: 0.3})) <= 1e-5
+    assert describe_seams(merged)["unet_call"]["broken"] is None
+    merged.close()
+
+    runtime = engine_on(tiny_components, mode="runtime")
+    runtime.update(lora=(0, {"source": str(files["a"]), "weight": 0.7}))  # before the trace: compiled in
+    assert accelerate(runtime, "compile", compile_backend="eager") == "compile"
+    runtime.update(lora=(0, "weight", 0.3))
+    assert maxdiff(latent(runtime), reference("runtime", {0: 0.3})) <= 1e-5
+    assert describe_seams(runtime)["unet_call"]["broken"] is None
+    runtime.update(lora=(1, {"source": str(files["b"]), "weight": 0.5}))  # a new hook after the trace
+    assert "runtime mode after torch.compile" in describe_seams(runtime)["unet_call"]["broken"]
+    assert maxdiff(latent(runtime), reference("runtime", {0: 0.3, 1: 0.5})) <= 1e-5
+    runtime.close()

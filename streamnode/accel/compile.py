@@ -149,6 +149,12 @@ def compile_seams(
     from streamnode.accel.onnx_export import PositionalUnetCall, component_module
 
     on_cuda = components.device.type == "cuda"
+    # Guard compiled graphs on the modules' forward hooks: runtime LoRAs are hooks (lora.py), and
+    # without this guard a UNet with LoRA hooks would reuse a graph traced on a UNet without them
+    # (another engine in this process: dynamo caches per code object, not per module).
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.skip_nnmodule_hook_guards = False
     if on_cuda and backend == "inductor":
         import torch._inductor.config as inductor_config
 
