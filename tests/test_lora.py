@@ -294,3 +294,55 @@ def test_torch_compile_follows_lora_weights_and_hands_new_hooks_to_pytorch(tiny_
     assert "runtime mode after torch.compile" in describe_seams(runtime)["unet_call"]["broken"]
     assert maxdiff(latent(runtime), reference("runtime", {0: 0.3, 1: 0.5})) <= 1e-5
     runtime.close()
+
+
+def test_tensorrt_is_not_refitted_a_lora_change_sends_the_unet_to_pytorch(tiny_components, files, monkeypatch) -> None:  # noqa: ANN001
+    """The node's own listener, with a stale engine standing in for a TensorRT UNet built on the
+    weights before the change (a frozen copy of the UNet): after any LoRA change the UNet runs in
+    PyTorch, with the LoRA, and the reason names the missing refit."""
+    import copy
+
+    import streamnode.accel as accel
+    from streamnode.accel import GuardedCall
+
+    engine = engine_on(tiny_components, mode="merged")
+    frozen = copy.deepcopy(engine.components.unet)
+    eager = engine.unet_call
+    engine.unet_call = GuardedCall("unet_call", "tensorrt",
+                                   lambda x, t, e: frozen(x, t, encoder_hidden_states=e).sample, eager)
+    engine.on_weights_change(lambda structure: accel._weights_changed(engine, structure))
+    base = latent(engine)
+    engine.update(lora=(0, {"source": str(files["a"]), "weight": 0.7}))
+    assert "not refitted" in engine.unet_call.broken
+    expect = engine_on(tiny_components, mode="merged")
+    expect.update(lora=(0, {"source": str(files["a"]), "weight": 0.7}))
+    assert maxdiff(latent(engine), latent(expect)) <= 1e-5 and maxdiff(latent(engine), base) > 1e-2
+    engine.close()
+    expect.close()
+
+
+def test_runtime_loras_are_refused_for_tensorrt_with_one_line(tiny_components, files, monkeypatch, caplog) -> None:  # noqa: ANN001
+    """Past the TensorRT availability check (not installed here), the runtime stack stops the build
+    before any export: the engine stays on PyTorch and one line says why and what to set."""
+    import streamnode.accel.tensorrt as trt_module
+    from streamnode.accel import accelerate
+
+    monkeypatch.setattr(trt_module, "require_tensorrt", lambda: None)
+    engine = engine_on(tiny_components, mode="runtime")
+    engine.update(lora=(0, {"source": str(files["a"]), "weight": 0.7}))
+    with caplog.at_level("WARNING", logger="streamnode.accel"):
+        assert accelerate(engine, "tensorrt") == "eager"
+    lines = [r.getMessage() for r in caplog.records if "runtime LoRAs" in r.getMessage()]
+    assert len(lines) == 1 and 'lora_mode = "merged"' in lines[0]
+    engine.close()
+
+
+def test_build_engines_refuses_a_preset_with_runtime_loras(capsys) -> None:  # noqa: ANN001
+    import argparse
+
+    from streamnode.accel.build import EXIT_USAGE, add_build_engines_arguments, build_engines_command
+
+    parser = argparse.ArgumentParser()
+    add_build_engines_arguments(parser)
+    assert build_engines_command(parser.parse_args(["--preset", "sdxl-turbo-lora"])) == EXIT_USAGE
+    assert 'lora_mode = "merged"' in capsys.readouterr().err
