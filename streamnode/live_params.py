@@ -549,8 +549,6 @@ class IndexedGroup:
     params: type[BaseModel]
     limit: str
     """The `runtime` setting that bounds N (0..limit−1)."""
-    bound: int
-    """Its highest allowed value."""
 
     @property
     def prefix(self) -> str:
@@ -558,8 +556,8 @@ class IndexedGroup:
 
 
 GROUPS: tuple[IndexedGroup, ...] = (
-    IndexedGroup("brush", BrushParams, "max_brushes", MAX_BRUSHES),
-    IndexedGroup("lora", LoraParams, "max_loras", MAX_LORAS),
+    IndexedGroup("brush", BrushParams, "max_brushes"),
+    IndexedGroup("lora", LoraParams, "max_loras"),
 )
 """The indexed groups of the schema; OSC, OSCQuery, docs and the TouchDesigner page expand them."""
 

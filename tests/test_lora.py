@@ -261,6 +261,7 @@ def test_preset_and_config_carry_loras(files, tmp_path) -> None:  # noqa: ANN001
 # -- with an accelerated UNet ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_torch_compile_follows_lora_weights_and_hands_new_hooks_to_pytorch(tiny_components, files) -> None:  # noqa: ANN001
     """Dynamo plumbing (its "eager" backend; inductor reads the weights the same way): merged
     weights and runtime scales change in place and the compiled UNet follows them; a runtime

@@ -12,13 +12,19 @@ from typing import Any
 
 import pytest
 import torch
-from lora_files import ATTENTION, make_lora
+from lora_files import ATTENTION, make_lora, private
 from pythonosc.osc_message import OscMessage
 from support import wait_osc
 from test_regions_node import Latents, node_config, send, wait_until
 
 from streamnode.diffusion import lora as lora_module
-from streamnode.node import Node
+from streamnode.node import Node, build_engine
+
+
+def own_engines(components):  # noqa: ANN001, ANN202
+    """The node's own builder on a private copy of the tiny model per engine (a LoRA stack
+    changes the UNet it is built on; no reload from disk per node)."""
+    return lambda config: build_engine(config, components=private(components))
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +55,15 @@ def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_loras_are_added_weighted_refused_and_removed_while_the_node_streams(
-    tiny_model_path, lora_file, monkeypatch  # noqa: ANN001
+    tiny_components, lora_file, monkeypatch  # noqa: ANN001
 ) -> None:
     # Reading the file takes a second here, so the frames that keep coming meanwhile can be seen.
     real_read = lora_module.read_lora
     monkeypatch.setattr(lora_module, "read_lora", lambda *a, **k: (time.sleep(1.0), real_read(*a, **k))[1])
     surface = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     surface.bind(("127.0.0.1", 0))
-    node = Node(node_config(sinks=["null://"], osc={"enabled": True, "port": 0, "reply_port": surface.getsockname()[1]}))
+    node = Node(node_config(sinks=["null://"], osc={"enabled": True, "port": 0, "reply_port": surface.getsockname()[1]}),
+                engine_factory=own_engines(tiny_components))
     node.start()
     try:
         wait_until(lambda: node.status()["state"] == "streaming", what="streaming")
@@ -97,7 +104,7 @@ def test_loras_are_added_weighted_refused_and_removed_while_the_node_streams(
         surface.close()
 
 
-def test_merged_stack_from_a_preset_reweights_off_the_engine_thread(tiny_model_path, lora_file, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_merged_stack_from_a_preset_reweights_off_the_engine_thread(tiny_components, lora_file, tmp_path, monkeypatch) -> None:  # noqa: ANN001
     presets = tmp_path / "presets"
     presets.mkdir()
     (presets / "styled.toml").write_text(
@@ -108,7 +115,7 @@ def test_merged_stack_from_a_preset_reweights_off_the_engine_thread(tiny_model_p
     surface.bind(("127.0.0.1", 0))
     config = node_config(sinks=["null://"], model={"lora_mode": "merged"}, loras=[{"source": str(lora_file), "weight": 0.6}],
                          osc={"enabled": True, "port": 0, "reply_port": surface.getsockname()[1]})
-    node = Node(config)
+    node = Node(config, engine_factory=own_engines(tiny_components))
     node.start()
     try:
         wait_until(lambda: node.status()["state"] == "streaming", what="streaming")

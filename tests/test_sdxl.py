@@ -316,11 +316,3 @@ def test_a_single_file_checkpoint_s_family_is_read_from_its_tensors(tmp_path: Pa
     with pytest.raises(ModelLoadError, match=r"\(sdxl checkpoint\)"):
         load_components(str(xl), device="cpu", use_tiny_vae=False)
 
-
-def test_doctor_lists_the_families() -> None:
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-m", "streamnode.cli", "doctor"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0
-    assert "model:sd " in out.stdout and "model:sdxl" in out.stdout and "SDXL-Turbo" in out.stdout

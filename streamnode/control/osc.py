@@ -950,8 +950,8 @@ class OscServer:
         for group in GROUPS:
             if local.startswith(group.prefix):
                 last = self.limits[group.name] - 1
-                hint = (f"; {group.name} addresses are {group.prefix}0 to {group.prefix}{last} with "
-                        + ", ".join(_GROUP_FIELDS[group.name]))
+                hint = (f"; {group.name} addresses are {group.prefix}0 to {group.prefix}{last} "
+                        f"(runtime.{group.limit}) with " + ", ".join(_GROUP_FIELDS[group.name]))
         return f"{address[:120]}: unknown address{hint} (docs/osc.md lists them)"
 
     def _is_allowed(self, host: str) -> bool:
