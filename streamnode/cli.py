@@ -105,6 +105,14 @@ def doctor_command(args: argparse.Namespace) -> int:
         "`modprobe v4l2loopback exclusive_caps=1` (Linux)"
     )
     rows.append(("pyvirtualcam", ok, _vcam_backends() if ok else "not installed", vcam_hint))
+    # The model families the loader reads (detected from each model's own configs, models.py).
+    try:
+        from streamnode.diffusion.models import FAMILIES
+
+        for family, detail in FAMILIES.items():
+            rows.append((f"model:{family}", True, detail, ""))
+    except ImportError as e:
+        rows.append(("models", False, f"the model loader does not import ({e})", "reinstall streamnode"))
     try:
         from streamnode.accel import describe_backends
 

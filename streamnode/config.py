@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from streamnode.live_params import MAX_BRUSHES, BrushParams, LiveParams, explain
+from streamnode.live_params import MAX_BRUSHES, MAX_LORAS, BrushParams, LiveParams, LoraParams, explain
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -44,6 +44,12 @@ def is_openvino_device(device: str) -> bool:
 class ModelConfig(_Section):
     id: str = Field("tiny", description="hub id, local diffusers folder, .safetensors file, or 'tiny'")
     lcm_lora: str | None = Field(None, description="LCM-LoRA to fuse (hub id, folder or .safetensors)")
+    lora_mode: Literal["runtime", "merged"] = Field(
+        "runtime",
+        description="how the [[loras]] stack applies: runtime (adapters; a weight change shows on the next "
+        "frame, a cost every frame) or merged (into the weights; no cost per frame, a weight change "
+        "re-merges off the engine thread); docs/lora.md",
+    )
     use_tiny_vae: bool = Field(True, description="TAESD-class VAE instead of the full VAE")
     tiny_vae: str | None = Field(None, description="TAESD weights; default: the model's own or madebyollin/taesd")
     device: str = Field(
@@ -216,6 +222,10 @@ class BrushConfig(BrushParams):
     """One `[[brushes]]` entry of a preset: a brush's live fields (live_params.BrushParams)."""
 
 
+class LoraConfig(LoraParams):
+    """One `[[loras]]` entry of a preset: a LoRA's live fields (live_params.LoraParams)."""
+
+
 class RuntimeConfig(_Section):
     no_drop: bool = Field(False, description="process every frame in order (offline renders)")
     duration: float | None = Field(None, gt=0.0, description="stop after this many seconds")
@@ -232,6 +242,7 @@ class RuntimeConfig(_Section):
     log_file_max_mb: float = Field(10.0, gt=0.0, le=1e6, description="rotate the log file when it reaches this size")
     log_file_backups: int = Field(3, ge=0, le=100, description="rotated log files kept (FILE.1 … FILE.N)")
     max_brushes: int = Field(8, ge=0, le=MAX_BRUSHES)
+    max_loras: int = Field(8, ge=0, le=MAX_LORAS, description="LoRA indices /lora/0 .. /lora/(max_loras−1)")
     engine: Literal["stream", "passthrough"] = Field(
         "stream", description="stream: the diffusion engine; passthrough: input resized to the output (tests, benchmarks)"
     )
@@ -246,6 +257,7 @@ class NodeConfig(_Section):
     osc: OscConfig = OscConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     brushes: list[BrushConfig] = Field(default_factory=list)
+    loras: list[LoraConfig] = Field(default_factory=list)
 
     @field_validator("sinks")
     @classmethod
@@ -259,6 +271,8 @@ class NodeConfig(_Section):
     def _brush_count(self) -> NodeConfig:
         if len(self.brushes) > self.runtime.max_brushes:
             raise ValueError(f"{len(self.brushes)} brushes given, runtime.max_brushes is {self.runtime.max_brushes}")
+        if len(self.loras) > self.runtime.max_loras:
+            raise ValueError(f"{len(self.loras)} LoRAs given, runtime.max_loras is {self.runtime.max_loras}")
         return self
 
 

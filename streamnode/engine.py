@@ -15,6 +15,9 @@ Contract, for every implementation:
 - `delay_calls`: calls between a frame going in and its result coming out (T − 1).
 - `close()` releases what the engine holds beyond Python objects (accelerated engines, device
   memory); it is safe twice and the engine is not called afterwards.
+- LoRA edits (`update(lora=(index, field, value))`) may have heavy work (reading a file, merging
+  weights): `lora_heavy(edit)` says so, and `prepare_lora(edit)` does that work on any thread
+  without changing the engine; `update(lora=plan)` then commits it between frames.
 """
 
 from __future__ import annotations
@@ -50,5 +53,9 @@ class Engine(Protocol):
     def txt2img(self) -> np.ndarray: ...
 
     def live_params(self) -> LiveState: ...
+
+    def lora_heavy(self, edit: Any) -> bool: ...
+
+    def prepare_lora(self, edit: Any) -> Any: ...
 
     def close(self) -> None: ...

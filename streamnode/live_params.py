@@ -50,6 +50,8 @@ MAX_STEPS = 8
 """Most denoising stages (len(t_index_list))."""
 MAX_BRUSHES = 32
 """Upper bound of `runtime.max_brushes`."""
+MAX_LORAS = 16
+"""Upper bound of `runtime.max_loras`."""
 MAX_SEED = 2**32 - 1
 
 
@@ -509,6 +511,32 @@ class BrushParams(_Frozen):
         return self
 
 
+class LoraParams(_Frozen):
+    """One LoRA of the stack (docs/lora.md); OSC `/lora/N/<name>`. A LoRA without a source does
+    nothing until one arrives; its file is read off the engine thread."""
+
+    source: str = Field(
+        "", max_length=MAX_TEXT, json_schema_extra=osc("/lora/N/source"),
+        description="LoRA N weights: a .safetensors file, a folder holding one, or a hub id (owner/name); "
+        "read off the engine thread, the stream goes on meanwhile. Empty: none.",
+    )
+    weight: float = Field(
+        1.0, ge=-2.0, le=2.0, json_schema_extra=osc("/lora/N/weight"),
+        description="LoRA N weight (0 = off, 1 = as trained): runtime mode on the next frame, merged mode "
+        "after a re-merge off the engine thread.",
+    )
+    enabled: bool = Field(
+        True, json_schema_extra=osc("/lora/N/enabled"), description="LoRA N on (1) or off (0), keeping its weight."
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _safetensors_only(cls, v: str) -> str:
+        if v.lower().endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")):
+            raise ValueError("LoRA weights are read from .safetensors only (pickle files can run code)")
+        return v
+
+
 MASK_SOURCES = ("mask", "rect", "circle", "shm")
 """The BrushParams fields that give a brush its mask: one at a time, the newest wins."""
 
@@ -532,7 +560,30 @@ class Trigger:
 TRIGGERS = (
     Trigger("status", "/status", "Ask for a full status reply (state, counters, every current value)."),
     Trigger("clear", "/brush/N/clear", "Remove brush N."),
+    Trigger("clear", "/lora/N/clear", "Remove LoRA N."),
 )
+
+
+@dataclass(frozen=True)
+class IndexedGroup:
+    """Values that exist once per index, `/<name>/N/<field>` (brushes, LoRAs). An update's key is
+    `name` and its value (index, field, value); a field "clear" removes index N."""
+
+    name: str
+    params: type[BaseModel]
+    limit: str
+    """The `runtime` setting that bounds N (0..limit−1)."""
+
+    @property
+    def prefix(self) -> str:
+        return f"/{self.name}/"
+
+
+GROUPS: tuple[IndexedGroup, ...] = (
+    IndexedGroup("brush", BrushParams, "max_brushes"),
+    IndexedGroup("lora", LoraParams, "max_loras"),
+)
+"""The indexed groups of the schema; OSC, OSCQuery, docs and the TouchDesigner page expand them."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -569,28 +620,29 @@ class LiveState:
     """Everything live in force: the engine's parameters and brushes, and the node's own values.
 
     Immutable and replaced whole, so any thread may read it. The engine fills `params`,
-    `brushes` and `brush_order`; the node adds `node` and the brushes' shm channels.
-
-    An indexed group (several of a kind, numbered: brushes) is a field mapping each number in
-    use to its state, declared with `metadata=osc("/name/N")`: the OSC addresses of its
-    members' fields begin with that (`/brush/N/prompt`), and the state's `params` (or the
-    state itself) carries those fields. OSCQuery lists the group and tells its clients when a
-    member comes or goes from that declaration alone (`indexed()`).
+    `brushes`, `brush_order` and `loras`; the node adds `node` and the brushes' shm channels.
+    The indexed groups (`GROUPS`: brushes, LoRAs) are read by name with `group()` or all at once
+    with `indexed()`: OSC, OSCQuery and the echo need no code per group.
     """
 
     params: LiveParams = field(default_factory=LiveParams)
-    brushes: Mapping[int, BrushState] = field(default_factory=dict, metadata=osc("/brush/N"))
+    brushes: Mapping[int, BrushState] = field(default_factory=dict)
     brush_order: tuple[int, ...] = ()
     node: NodeParams = field(default_factory=NodeParams)
+    loras: Mapping[int, LoraParams] = field(default_factory=dict)
+    """The LoRA stack in force (diffusion/lora.py), by index."""
+
+    def group(self, name: str) -> Mapping[int, Any]:
+        """The params in force of an indexed group (`GROUPS`) by index: brushes' BrushParams, LoRAs'."""
+        if name == "brush":
+            return {i: self.brushes[i].params for i in self.brush_order if i in self.brushes}
+        if name == "lora":
+            return self.loras
+        raise KeyError(name)
 
     def replace(self, **changes: Any) -> LiveState:
         return dataclasses.replace(self, **changes)
 
     def indexed(self) -> dict[str, Mapping[int, Any]]:
-        """Each indexed group's members in force, by the group's OSC address: {"/brush/N": brushes}."""
-        return {address: getattr(self, name) for address, name in _indexed_fields()}
-
-
-@functools.cache
-def _indexed_fields() -> tuple[tuple[str, str], ...]:
-    return tuple((f.metadata["osc"], f.name) for f in dataclasses.fields(LiveState) if "osc" in f.metadata)
+        """Every indexed group's members in force, by group name: {"brush": {0: BrushParams…}, "lora": …}."""
+        return {g.name: self.group(g.name) for g in GROUPS}

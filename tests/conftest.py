@@ -45,6 +45,15 @@ def tiny_components(tiny_model_path: Path):  # noqa: ANN201 - ModelComponents, i
     return load_components("tiny", device="cpu", dtype="float32", cpu_threads=1)
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_components():  # noqa: ANN201 - ModelComponents, imported lazily
+    """The tiny SDXL-architecture model (two text encoders, text_time conditioning), CPU, fp32,
+    loaded once per session through the public loader."""
+    from streamnode.diffusion.models import load_components
+
+    return load_components("tiny-sdxl", device="cpu", dtype="float32", cpu_threads=1)
+
+
 @pytest.fixture(scope="module")
 def components(tiny_components):  # noqa: ANN001, ANN201 - the engine tests' name for them
     return tiny_components

@@ -116,3 +116,42 @@ def test_export_is_what_the_engine_seams_compute(tiny_components):  # noqa: ANN0
                 inputs = (inputs[0], inputs[1].long(), inputs[2])
             b = getattr(eng, seam)(*inputs)
         assert torch.allclose(a, b, atol=1e-5), seam
+
+
+# -- SDXL: the UNet graph takes the pooled embedding and the size ids -----------------------------
+
+
+def test_sdxl_unet_export_matches_pytorch_and_takes_the_extra_conditioning(tiny_sdxl_components, tmp_path):  # noqa: ANN001
+    from streamnode.accel.onnx_export import UNET_EXTRA_INPUTS, unet_io_names
+
+    c = tiny_sdxl_components
+    report = export_onnx(c, "unet", tmp_path / "unet.onnx", batch=2, height=64, width=64)
+    model = onnx.load(str(report.path))
+    names = tuple(i.name for i in model.graph.input)
+    assert names == unet_io_names(c) == (*IO_NAMES["unet"][0], *UNET_EXTRA_INPUTS)
+    for tensor in model.graph.input:
+        assert tensor.type.tensor_type.shape.dim[0].dim_param, f"{tensor.name}: batch is fixed"
+    for batch, height, width in SHAPES:
+        inputs = sample_inputs(c, "unet", batch=batch, height=height, width=width, seed=batch)
+        assert inputs[3].shape == (batch, c.conditioning.pooled_dim) and inputs[4].shape == (batch, 6)
+        err = max_abs_error(c, "unet", report.path, inputs)
+        print(f"sdxl unet B={batch} {width}x{height}: max abs error {err:.2e}")
+        assert err < FP32_BOUND
+
+
+def test_sdxl_seam_is_what_the_exported_module_computes(tiny_sdxl_components):  # noqa: ANN001
+    """The positional module (ONNX, TensorRT, compile) behind `PositionalUnetCall` equals the engine's
+    eager seam called with `added_cond`, and without the extras the SDXL UNet is refused by diffusers."""
+    from streamnode.accel.onnx_export import PositionalUnetCall, component_module
+    from streamnode.diffusion.stream import StreamEngine
+
+    c = tiny_sdxl_components
+    eng = StreamEngine.from_components(c, t_index_list=[32], width=64, height=64, cfg_type="none")
+    x, t, emb, text_embeds, time_ids = sample_inputs(c, "unet", batch=2, height=64, width=64)
+    added = {"text_embeds": text_embeds, "time_ids": time_ids}
+    with torch.no_grad():
+        a = PositionalUnetCall(component_module(c, "unet"))(x, t, emb, added_cond=added)
+        b = eng.unet_call(x, t.long(), emb, added_cond=added)
+        assert torch.allclose(a, b, atol=1e-5)
+        with pytest.raises((TypeError, ValueError)):
+            eng.unet_call(x, t.long(), emb)

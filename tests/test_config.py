@@ -13,7 +13,7 @@ from streamnode.config import (
     parse_set,
 )
 
-SHIPPED = {"demo", "sd-turbo", "lcm-sd15", "txt2img-turbo"}
+SHIPPED = {"demo", "sd-turbo", "lcm-sd15", "txt2img-turbo", "sdxl-turbo", "sdxl-turbo-lora"}
 
 
 def test_shipped_presets_load_and_describe_themselves() -> None:
@@ -35,6 +35,10 @@ def test_preset_values() -> None:
     lcm = load_config(preset="lcm-sd15")
     assert lcm.model.lcm_lora and lcm.stream.cfg_type == "self" and 2 <= len(lcm.stream.t_index_list) <= 4
     assert load_config(preset="txt2img-turbo").stream.mode == "txt2img"
+    xl = load_config(preset="sdxl-turbo")
+    assert xl.model.id == "stabilityai/sdxl-turbo" and xl.stream.cfg_type == "none" and xl.model.use_tiny_vae
+    styled = load_config(preset="sdxl-turbo-lora")
+    assert styled.model.lora_mode in ("runtime", "merged") and styled.loras and styled.loras[0].source
 
 
 def test_set_overrides_and_short_flag_overrides() -> None:

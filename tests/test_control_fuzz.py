@@ -17,7 +17,7 @@ from support import small_config, tiny_factory, wait_for, wait_osc
 from streamnode.config import OscConfig
 from streamnode.control.osc import ADDRESSES, OscServer, value_at
 from streamnode.control.updates import ControlQueue, Update
-from streamnode.live_params import BrushParams, LiveParams, LiveState, NodeParams, validated
+from streamnode.live_params import BrushParams, LiveParams, LiveState, LoraParams, NodeParams, validated
 from streamnode.node import Node
 
 FUZZ = settings(max_examples=1500, deadline=None, database=None,
@@ -26,7 +26,7 @@ FUZZ_MESSAGES = settings(FUZZ, max_examples=1200)  # with the bytes and in-range
 
 _ADDRESSES = sorted(
     {p.address.replace("/N/", f"/{n}/") for p in ADDRESSES for n in (0, 7, 8)}
-)  # brush 8 is one past max_brushes
+)  # brush (and LoRA) 8 is one past max_brushes (max_loras)
 
 
 class UdpRig:
@@ -88,11 +88,12 @@ def assert_valid(update: Update) -> None:
     """Whatever passed the OSC checks must be a value the schema itself accepts."""
     if update.key in LiveParams.model_fields:
         LiveParams().apply({update.key: update.value})
-    elif update.key == "brush":
+    elif update.key in ("brush", "lora"):
         n, field, value = update.value
         assert 0 <= n < 8
-        if field in BrushParams.model_fields:
-            validated(BrushParams, {field: value})
+        schema = BrushParams if update.key == "brush" else LoraParams
+        if field in schema.model_fields:
+            validated(schema, {field: value})
         else:
             assert field == "clear" and value is None
     elif update.key == "brush_order":
@@ -207,7 +208,7 @@ def test_well_formed_values_in_range_are_accepted() -> None:
         assert server.stats()["rejected"] == before, (address, args)
         updates = queue.drain()
         if server.stats()["deduped"] > deduped:  # the value the (fresh) engine uses already
-            assert not updates and value_at(LiveState(), param, 3 if param.is_brush else None) is not None
+            assert not updates and value_at(LiveState(), param, 3 if param.group else None) is not None
             return
         assert len(updates) == 1
         assert_valid(updates[0])

@@ -61,9 +61,11 @@ def test_mdns_announces_oscquery_and_osc_on_loopback_and_withdraws_them() -> Non
                             "port": r["oscquery_port"]}
     assert r["osc"] == {"name": "streamnode /mdns._osc._udp.local.", "addresses": ["127.0.0.1"], "port": r["osc_port"]}
     assert r["host_info"] == {"name": "streamnode /mdns", "osc_port": r["osc_port"], "transport": "UDP"}
+    from streamnode.config import RuntimeConfig
     from streamnode.control.osc import ADDRESSES
 
-    assert r["guidance"] == [1.2] and r["methods"] == sum(2 if p.group else 1 for p in ADDRESSES)  # 2 brushes
+    slots = {None: 1, "brush": 2, "lora": RuntimeConfig().max_loras}  # every slot of a group is listed
+    assert r["guidance"] == [1.2] and r["methods"] == sum(slots[p.group] for p in ADDRESSES)
     assert r["withdrawn"], "stopping the node withdraws the services"
 
 

@@ -126,7 +126,7 @@ def test_address_reaches_engine_and_is_echoed(rig: Rig, address, args, value, ec
 
 def test_every_input_address_is_covered_by_a_case() -> None:
     covered = {c[0] for c in CASES} | {"/status", "/model", "/brush/order"}
-    assert {p.address for p in ADDRESSES if not p.is_brush} == covered
+    assert {p.address for p in ADDRESSES if not p.group} == covered
 
 
 def test_brush_addresses_paint_the_engine_s_brushes(rig: Rig, tmp_path: Path) -> None:

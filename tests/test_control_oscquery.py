@@ -42,7 +42,8 @@ def node(components):  # noqa: ANN001, ANN201
     """A real node (the tiny model, 2 brushes, prefix /vj1) with OSC and OSCQuery, and a surface."""
     surface = Surface()
     running = Node(small_config(**{"osc.enabled": True, "osc.port": 0, "osc.oscquery_port": 0, "osc.prefix": "/vj1",
-                                   "osc.reply_port": surface.port, "runtime.max_brushes": 2}),
+                                   "osc.reply_port": surface.port, "runtime.max_brushes": 2,
+                                   "runtime.max_loras": 2}),
                    engine_factory=tiny_factory(components))
     running.start()
     wait_for(lambda: running.status()["state"] == "streaming", timeout=60, what="streaming")
@@ -118,8 +119,10 @@ def check_host_info(info: dict[str, Any]) -> None:
     assert all(isinstance(k, str) and isinstance(v, bool) for k, v in info["EXTENSIONS"].items())
 
 
-def expected_methods(max_brushes: int, prefix: str) -> set[str]:
-    return {prefix + param_address(p, n) for p in ADDRESSES for n in (range(max_brushes) if p.group else [None])}
+def expected_methods(max_brushes: int, prefix: str, max_loras: int = 2) -> set[str]:
+    """Every method, each indexed group expanded to all its slots (brushes, LoRAs)."""
+    slots = {"brush": max_brushes, "lora": max_loras}
+    return {prefix + param_address(p, n) for p in ADDRESSES for n in (range(slots[p.group]) if p.group else [None])}
 
 
 # -- the tree -----------------------------------------------------------------------------------

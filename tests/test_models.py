@@ -166,3 +166,5 @@ def test_cli_presets_and_doctor() -> None:
     )
     assert doctor.returncode == 0
     assert "torch" in doctor.stdout and "ndi-python" in doctor.stdout and "SpoutGL" in doctor.stdout
+    # The model families it can load, each with what it covers.
+    assert "model:sd " in doctor.stdout and "model:sdxl" in doctor.stdout and "SDXL-Turbo" in doctor.stdout

@@ -1,7 +1,8 @@
 """Acceleration backends for the stream engine: eager, torch.compile + CUDA graphs, TensorRT, OpenVINO.
 
-The engine calls its UNet and VAE only through three seams, `unet_call(x, t, emb)`,
-`vae_encode(img)` and `vae_decode(z)`. `accelerate()` replaces them with faster callables and
+The engine calls its UNet and VAE only through three seams, `unet_call(x, t, emb, *, added_cond)`,
+`vae_encode(img)` and `vae_decode(z)` (`added_cond`: the model family's extra conditioning, SDXL's
+pooled embedding and size ids, passed only when there is one). `accelerate()` replaces them with faster callables and
 keeps the originals behind each one (`GuardedCall`), so a shape outside an engine's profile or
 a fault at run time degrades to PyTorch for that call instead of stopping the show.
 
@@ -40,6 +41,7 @@ __all__ = [
     "backend_chain",
     "describe_backends",
     "describe_seams",
+    "example_calls",
     "example_inputs",
     "restore",
 ]
@@ -136,7 +138,13 @@ def backend_chain(mode: str, *, cuda: bool, tensorrt_importable: bool, openvino_
 
 
 def example_inputs(engine: Any) -> dict[str, tuple[Any, ...]]:
-    """Inputs of the engine's current shapes for each seam (warm-up, compile, self-check)."""
+    """Positional inputs of the engine's current shapes for each seam (see `example_calls`)."""
+    return {seam: args for seam, (args, _) in example_calls(engine).items()}
+
+
+def example_calls(engine: Any) -> dict[str, tuple[tuple[Any, ...], dict[str, Any]]]:
+    """(args, kwargs) of the engine's current shapes for each seam (warm-up, compile, self-check);
+    the UNet's kwargs carry the family's `added_cond` (none for SD1/SD2)."""
     import torch
 
     c = engine.components
@@ -152,14 +160,19 @@ def example_inputs(engine: Any) -> dict[str, tuple[Any, ...]]:
     # Made in inference mode, as the engine makes its own: torch.compile guards on that, and a
     # warm-up with ordinary tensors would be compiled for nothing and compiled again on frame 1.
     with torch.inference_mode():
+        conditioning = c.conditioning
+        # Packed prompt rows, unpacked the way the engine unpacks them at the seam.
+        packed = on(torch.randn(rows, conditioning.tokens, c.cross_attention_dim, generator=gen))
+        emb, added = conditioning.unet_inputs(packed, height=h * scale, width=w * scale)
+        unet_args = (
+            on(torch.randn(rows, 4, h, w, generator=gen)),
+            torch.randint(100, 900, (rows,), generator=gen).to(c.device),
+            emb if emb.shape[1] == text_len else emb[:, :text_len],
+        )
         return {
-            "unet_call": (
-                on(torch.randn(rows, 4, h, w, generator=gen)),
-                torch.randint(100, 900, (rows,), generator=gen).to(c.device),
-                on(torch.randn(rows, text_len, c.cross_attention_dim, generator=gen)),
-            ),
-            "vae_encode": (on(torch.rand(frames, 3, h * scale, w * scale, generator=gen) * 2 - 1),),
-            "vae_decode": (on(torch.randn(frames, 4, h, w, generator=gen)),),
+            "unet_call": (unet_args, {} if added is None else {"added_cond": added}),
+            "vae_encode": ((on(torch.rand(frames, 3, h * scale, w * scale, generator=gen) * 2 - 1),), {}),
+            "vae_decode": ((on(torch.randn(frames, 4, h, w, generator=gen)),), {}),
         }
 
 
@@ -195,11 +208,12 @@ def _use_compile(engine: Any, originals: dict[str, Callable[..., Any]], opts: di
         seams = compile_seams(
             engine.components, backend=opts.get("compile_backend", "inductor"), mode=opts.get("compile_mode")
         )
-        inputs = example_inputs(engine)
+        calls = example_calls(engine)
         for seam, fn in seams.items():
+            args, kwargs = calls[seam]
             # Twice: the first call compiles, the second (on CUDA) captures the CUDA graph.
             for _ in range(2):
-                fn(*inputs[seam])
+                fn(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - inductor/triton raise many types; all mean "not here"
         raise BackendFailed(f"torch.compile failed ({type(e).__name__}: {_first_line(e)})") from None
     return {s: GuardedCall(s, "compile", seams[s], originals[s]) for s in SEAMS}
@@ -209,6 +223,7 @@ def _use_tensorrt(engine: Any, originals: dict[str, Callable[..., Any]], opts: d
     import torch
 
     from streamnode.accel.cache import EngineCacheError
+    from streamnode.accel.onnx_export import PositionalUnetCall
     from streamnode.accel.profile import profile_for_engine
     from streamnode.accel.tensorrt import (
         EngineBuildError,
@@ -222,6 +237,11 @@ def _use_tensorrt(engine: Any, originals: dict[str, Callable[..., Any]], opts: d
         require_tensorrt()
     except TensorRTUnavailable as e:
         raise BackendFailed(str(e)) from None
+    loras = getattr(engine, "loras", None)
+    if loras is not None and loras.mode == "runtime" and loras.active:
+        # Runtime adapters are hooks outside the UNet's weights: an engine would bake them in at
+        # today's weights under a cache key that cannot tell them apart.
+        raise BackendFailed('runtime LoRAs cannot be built into a TensorRT engine; set model.lora_mode = "merged"')
     components = engine.components
     profile = profile_for_engine(
         engine, min_size=opts["min_size"], max_size=opts["max_size"], max_batch=opts["max_batch"]
@@ -249,7 +269,7 @@ def _use_tensorrt(engine: Any, originals: dict[str, Callable[..., Any]], opts: d
     except Exception as e:  # noqa: BLE001 - export/parse errors of many types; one line for the user
         raise BackendFailed(f"TensorRT setup failed ({type(e).__name__}: {_first_line(e)})") from None
 
-    runners = {"unet_call": ready["unet"].runner, "vae_encode": ready["vae_encoder"].runner,
+    runners = {"unet_call": PositionalUnetCall(ready["unet"].runner), "vae_encode": ready["vae_encoder"].runner,
                "vae_decode": ready["vae_decoder"].runner}
     scale = int(getattr(components, "vae_scale_factor", 8))
     # Each engine may come from a different (wider) cached profile: judge each by its own.
@@ -258,13 +278,14 @@ def _use_tensorrt(engine: Any, originals: dict[str, Callable[..., Any]], opts: d
         for seam, component in (("unet_call", "unet"), ("vae_encode", "vae_encoder"), ("vae_decode", "vae_decoder"))
     }
     try:
-        inputs = example_inputs(engine)
+        calls = example_calls(engine)
         with torch.inference_mode():
             for seam, runner in runners.items():
+                args, kwargs = calls[seam]
                 # Plain run, CUDA graph capture, graph replay; the replay is checked against PyTorch.
                 for _ in range(3):
-                    got = runner(*inputs[seam])
-                err = _relative_error(got, originals[seam](*inputs[seam]))
+                    got = runner(*args, **kwargs)
+                err = _relative_error(got, originals[seam](*args, **kwargs))
                 if err is not None and err > SELF_CHECK_RTOL:
                     # Drop it from the cache, so the next start builds a fresh one.
                     entry = ready[{"unet_call": "unet", "vae_encode": "vae_encoder", "vae_decode": "vae_decoder"}[seam]].entry
@@ -438,6 +459,8 @@ def accelerate(
             setattr(engine, seam, call)
         # The engine's close() releases the backend's engines and sessions with it.
         engine.on_close(lambda: restore(engine))
+        if hasattr(engine, "on_weights_change"):
+            engine.on_weights_change(lambda structure: _weights_changed(engine, structure))
         chosen = backend
         break
     if chosen == "eager":
@@ -453,6 +476,30 @@ def accelerate(
     else:
         logger.info("acceleration: %s%s", chosen, detail)
     return chosen
+
+
+def _weights_changed(engine: Any, structure: bool) -> None:
+    """A LoRA edit changed what the UNet computes: a backend that cannot follow hands the UNet to PyTorch.
+
+    TensorRT engines hold their weights (they are not refitted live): any LoRA change after the
+    build sends the UNet to PyTorch until the node restarts with engines built for the new stack.
+    torch.compile follows weights changed in place (merged mode, runtime weights) but does not see
+    runtime hooks added or removed after it traced the UNet.
+    """
+    fn = engine.unet_call
+    if not isinstance(fn, GuardedCall):
+        return
+    if fn.backend == "tensorrt":
+        fn.stop_fast(
+            "the LoRA stack changed after the TensorRT UNet was built, and TensorRT engines are not refitted "
+            "live: the UNet runs in PyTorch until the node restarts with the new [[loras]] in its preset "
+            "(streamnode build-engines builds that engine)"
+        )
+    elif fn.backend == "compile" and structure and getattr(engine.loras, "mode", "") == "runtime":
+        fn.stop_fast(
+            'a LoRA was added or removed in runtime mode after torch.compile traced the UNet, which cannot see '
+            'it: the UNet runs eagerly from now on (model.lora_mode = "merged" keeps the compiled UNet)'
+        )
 
 
 def accelerate_with_config(engine: Any, model: Any, *, progress: ProgressCallback | None = None) -> str:
@@ -497,13 +544,16 @@ def describe_seams(engine: Any) -> dict[str, dict[str, Any]]:
     from streamnode.accel.openvino import OvComponent
 
     out: dict[str, dict[str, Any]] = {}
+    from streamnode.accel.onnx_export import PositionalUnetCall
+
     for seam in SEAMS:
         fn = getattr(engine, seam)
         if not isinstance(fn, GuardedCall):
             out[seam] = {"backend": "eager"}
             continue
         info: dict[str, Any] = {"backend": fn.backend, "broken": fn.broken, "fallback_calls": fn.fallback_calls}
-        inner = fn.fast.fn if isinstance(fn.fast, CudaGraphCall) else fn.fast
+        fast = fn.fast.fn if isinstance(fn.fast, PositionalUnetCall) else fn.fast
+        inner = fast.fn if isinstance(fast, CudaGraphCall) else fast
         if isinstance(inner, CompiledCall):
             info["compile_seconds"] = round(sum(inner.compile_seconds.values()), 2)
         if isinstance(inner, OvComponent):

@@ -77,6 +77,10 @@ def build_engines_command(args: argparse.Namespace) -> int:
         _say(str(e))
         return EXIT_USAGE
 
+    if config.loras and config.model.lora_mode != "merged":
+        _say('runtime LoRAs cannot be built into a TensorRT engine; set model.lora_mode = "merged" in the preset')
+        return EXIT_USAGE
+
     # Check before loading gigabytes of weights: without TensorRT on a CUDA GPU nothing can be built.
     from streamnode.accel.tensorrt import tensorrt_status
 
@@ -111,6 +115,19 @@ def build_engines_command(args: argparse.Namespace) -> int:
     except ModelLoadError as e:
         _say(str(e))
         return EXIT_FAILED
+    if config.loras:
+        # The preset's LoRAs, merged exactly as the node merges them before it accelerates: the
+        # engine is built for these weights (they are part of its cache key).
+        from streamnode.diffusion.lora import LoraStack
+
+        stack = LoraStack(components.unet, mode="merged", max_loras=config.runtime.max_loras)
+        for index, lora in enumerate(config.loras):
+            try:
+                stack.edit(index, lora.model_dump())
+            except ValueError as e:
+                _say(f"lora {index}: {e}")
+                return EXIT_FAILED
+        _say(f"{len(config.loras)} LoRA(s) merged into the UNet")
     cache = EngineCache()
     start = time.perf_counter()
     try:

@@ -149,11 +149,18 @@ def compile_seams(
 ) -> dict[str, Callable[..., torch.Tensor]]:
     """Compiled replacements for `unet_call`, `vae_encode` and `vae_decode`.
 
-    The UNet takes the engine's (x, t, emb) and runs on exactly the module the ONNX export uses.
+    The UNet takes the engine's (x, t, emb, *, added_cond) and runs on exactly the module the ONNX
+    export uses (the extra conditioning positional, `PositionalUnetCall`).
     """
-    from streamnode.accel.onnx_export import component_module
+    from streamnode.accel.onnx_export import PositionalUnetCall, component_module
 
     on_cuda = components.device.type == "cuda"
+    # Guard compiled graphs on the modules' forward hooks: runtime LoRAs are hooks (lora.py), and
+    # without this guard a UNet with LoRA hooks would reuse a graph traced on a UNet without them
+    # (another engine in this process: dynamo caches per code object, not per module).
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.skip_nnmodule_hook_guards = False
     if on_cuda and backend == "inductor":
         import torch._inductor.config as inductor_config
 
@@ -166,14 +173,17 @@ def compile_seams(
         )
         if on_cuda and cuda_graphs:
             call = CudaGraphCall(component, call)
-        seams[seam] = call
+        seams[seam] = PositionalUnetCall(call) if seam == "unet_call" else call
     return seams
 
 
 def compile_report(seams: dict[str, Any]) -> dict[str, float]:
     """Seconds spent compiling, per seam (summed over shapes)."""
+    from streamnode.accel.onnx_export import PositionalUnetCall
+
     out = {}
     for seam, call in seams.items():
+        call = call.fn if isinstance(call, PositionalUnetCall) else call
         inner = call.fn if isinstance(call, CudaGraphCall) else call
         if isinstance(inner, CompiledCall):
             out[seam] = round(sum(inner.compile_seconds.values()), 2)

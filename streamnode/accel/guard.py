@@ -36,25 +36,33 @@ class GuardedCall:
         self.fallback_calls = 0
         self._reasons_logged: set[str] = set()
 
-    def __call__(self, *args: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # kwargs: a seam's keyword-only extras (the UNet's `added_cond`), passed to both paths.
         if self.broken is None and self.accepts is not None:
-            why = self.accepts(*args)
+            why = self.accepts(*args, **kwargs)
             if why is not None:
                 if why not in self._reasons_logged:
                     self._reasons_logged.add(why)
                     logger.warning("%s: %s cannot take this call (%s); running it in PyTorch", self.name, self.backend, why)
                 self.fallback_calls += 1
-                return self.fallback(*args)
+                return self.fallback(*args, **kwargs)
         if self.broken is None:
             try:
-                return self.fast(*args)
+                return self.fast(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 - any accelerator fault must degrade, not crash
                 self.broken = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 logger.error(
                     "%s: %s failed at run time (%s); using PyTorch for it from now on", self.name, self.backend, self.broken
                 )
         self.fallback_calls += 1
-        return self.fallback(*args)
+        return self.fallback(*args, **kwargs)
+
+    def stop_fast(self, reason: str) -> None:
+        """Use PyTorch from now on (the fast path no longer computes what PyTorch does, e.g. the
+        weights changed under an engine built with the old ones); logged once."""
+        if self.broken is None:
+            self.broken = reason
+            logger.warning("%s: %s; using PyTorch for it from now on", self.name, reason)
 
     def __repr__(self) -> str:
         state = f"broken: {self.broken}" if self.broken else "ok"

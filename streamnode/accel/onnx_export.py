@@ -3,7 +3,9 @@
 The graphs compute exactly what the stream engine's three seams compute
 (`unet_call`, `vae_encode`, `vae_decode`): the VAE graphs include the latent scaling, so an
 engine is a drop-in replacement. Batch, height and width are dynamic; the text length (77) and
-the channel counts are fixed. Export uses the TorchScript-based exporter (`dynamo=False`) at
+the channel counts are fixed. An SDXL UNet's graph has two more inputs after
+`encoder_hidden_states`, the seam's keyword-only `added_cond` in `UNET_EXTRA_INPUTS` order:
+`text_embeds` (batch, pooled width) and `time_ids` (batch, 6) (`unet_io_names`). Export uses the TorchScript-based exporter (`dynamo=False`) at
 opset 17: it handles diffusers UNets with dynamic spatial axes reliably, and TensorRT 10 and
 11 parse its output. The graph is then cleaned up and constant-folded (onnx-graphsurgeon when
 installed, as with the `tensorrt` extra; otherwise onnxruntime's basic, provider-independent
@@ -24,6 +26,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 OPSET = 17
+UNET_EXTRA_INPUTS: tuple[str, ...] = ("text_embeds", "time_ids")
+"""The UNet seam's `added_cond` (diffusers' `added_cond_kwargs`, SDXL) as graph inputs, in this order."""
 _TWO_GIB = 2 << 30
 
 IO_NAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -37,6 +41,8 @@ DYNAMIC_AXES: dict[str, dict[str, dict[int, str]]] = {
         "sample": _SPATIAL,
         "timestep": {0: "batch"},
         "encoder_hidden_states": {0: "batch"},
+        "text_embeds": {0: "batch"},
+        "time_ids": {0: "batch"},
         "out_sample": _SPATIAL,
     },
     "vae_encoder": {"images": _SPATIAL, "latents": _SPATIAL},
@@ -44,8 +50,22 @@ DYNAMIC_AXES: dict[str, dict[str, dict[int, str]]] = {
 }
 
 
+def unet_io_names(components: Any) -> tuple[str, ...]:
+    """The UNet graph's inputs: the seam's three, then the family's extra conditioning (SDXL)."""
+    extra = UNET_EXTRA_INPUTS if components.conditioning.pooled_dim else ()
+    return (*IO_NAMES["unet"][0], *extra)
+
+
+def io_names(components: Any, component: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(inputs, outputs) of `component`'s graph for these components."""
+    if component == "unet":
+        return unet_io_names(components), IO_NAMES["unet"][1]
+    return IO_NAMES[component]
+
+
 class UNetStep(torch.nn.Module):
-    """(sample, timestep, encoder_hidden_states) → ε, the `unet_call` seam as a module.
+    """(sample, timestep, encoder_hidden_states[, text_embeds, time_ids]) → ε, the `unet_call` seam
+    as a module with positional inputs (what ONNX, TensorRT and torch.compile take).
 
     The timestep is a float32 vector in the graph (an int64 input would be cast straight away
     anyway, and float inputs are what every TensorRT version handles best).
@@ -55,8 +75,37 @@ class UNetStep(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(
+            sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added, return_dict=False
+        )[0]
+
+
+class PositionalUnetCall:
+    """The `unet_call` seam over a backend that takes every input positionally (a compiled
+    `UNetStep`, a TensorRT engine): `added_cond`'s tensors follow in `UNET_EXTRA_INPUTS` order."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(
+        self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, *, added_cond: Any = None
+    ) -> torch.Tensor:
+        if added_cond is None:
+            return self.fn(x, t, emb)
+        return self.fn(x, t, emb, *(added_cond[k] for k in UNET_EXTRA_INPUTS))
+
+    def close(self) -> None:
+        if hasattr(self.fn, "close"):
+            self.fn.close()
 
 
 class VaeEncode(torch.nn.Module):
@@ -119,7 +168,14 @@ def sample_inputs(
         sample = torch.randn(batch, 4, height // s, width // s, generator=gen)
         timestep = torch.randint(0, 1000, (batch,), generator=gen).float()
         text = torch.randn(batch, components.model_max_length, components.cross_attention_dim, generator=gen)
-        return sample.to(dev, dtype), timestep.to(dev), text.to(dev, dtype)
+        inputs = (sample.to(dev, dtype), timestep.to(dev), text.to(dev, dtype))
+        pooled = components.conditioning.pooled_dim
+        if not pooled:
+            return inputs
+        text_embeds = torch.randn(batch, pooled, generator=gen)
+        # Sizes as the engine sends them: (h, w, 0, 0, h, w) in pixels.
+        time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32).expand(batch, 6)
+        return (*inputs, text_embeds.to(dev, dtype), time_ids.to(dev, dtype))
     if component == "vae_encoder":
         return ((torch.rand(batch, 3, height, width, generator=gen) * 2 - 1).to(dev, dtype),)
     if component == "vae_decoder":
@@ -160,7 +216,7 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     module = component_module(components, component)
     inputs = sample_inputs(components, component, batch=batch, height=height, width=width)
-    input_names, output_names = IO_NAMES[component]
+    input_names, output_names = io_names(components, component)
     start = time.perf_counter()
     with warnings.catch_warnings(), torch.no_grad():
         # Tracer warnings about Python ints from shapes are expected: every such value is a
@@ -174,7 +230,7 @@ def export_onnx(
             opset_version=OPSET,
             input_names=list(input_names),
             output_names=list(output_names),
-            dynamic_axes=DYNAMIC_AXES[component],
+            dynamic_axes={n: a for n, a in DYNAMIC_AXES[component].items() if n in (*input_names, *output_names)},
             do_constant_folding=True,
         )
     exported = len(onnx.load(str(path), load_external_data=False).graph.node)
@@ -255,7 +311,7 @@ def onnxruntime_outputs(path: str | Path, inputs: tuple[torch.Tensor, ...], comp
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = IO_NAMES[component][0]
+    names = [i.name for i in session.get_inputs()]  # the graph's own order: the seam's, extras last
     feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs, strict=True)}
     return torch.from_numpy(session.run(None, feeds)[0])
 

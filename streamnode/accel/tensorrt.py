@@ -40,7 +40,7 @@ from streamnode.accel.cache import (
     obtain_engine,
     weights_fingerprint,
 )
-from streamnode.accel.onnx_export import IO_NAMES, export_onnx, vae_scale
+from streamnode.accel.onnx_export import IO_NAMES, export_onnx, io_names, vae_scale
 from streamnode.accel.profile import EngineProfile
 from streamnode.accel.progress import DEFAULT_BUILD_SECONDS, BuildProgress, ProgressCallback
 
@@ -133,17 +133,23 @@ def make_key(
 
 
 def input_shapes(
-    component: str, profile: EngineProfile, *, scale: int = 8, text_len: int = 77, text_dim: int = 1024
+    component: str, profile: EngineProfile, *, scale: int = 8, text_len: int = 77, text_dim: int = 1024,
+    pooled_dim: int = 0,
 ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-    """(min, opt, max) shape of every engine input for `profile`."""
+    """(min, opt, max) shape of every engine input for `profile`; `pooled_dim` > 0: an SDXL UNet,
+    which also takes `text_embeds` (batch, pooled_dim) and `time_ids` (batch, 6)."""
     lo, oh, ow, hi = profile.latent_range(scale)
     if component == "unet":
         b = (profile.min_batch, profile.opt_batch, profile.max_batch)
-        return {
+        shapes = {
             "sample": ((b[0], 4, lo, lo), (b[1], 4, oh, ow), (b[2], 4, hi, hi)),
             "timestep": ((b[0],), (b[1],), (b[2],)),
-            "encoder_hidden_states": tuple((n, text_len, text_dim) for n in b),  # type: ignore[return-value]
+            "encoder_hidden_states": tuple((n, text_len, text_dim) for n in b),
         }
+        if pooled_dim:
+            shapes["text_embeds"] = tuple((n, pooled_dim) for n in b)
+            shapes["time_ids"] = tuple((n, 6) for n in b)
+        return shapes  # type: ignore[return-value]
     v = profile.vae_max_batch
     if component == "vae_encoder":
         return {"images": ((1, 3, profile.min_size, profile.min_size), (v, 3, profile.opt_height, profile.opt_width),
@@ -255,6 +261,7 @@ def build_engine_bytes(
     scale: int,
     text_len: int,
     text_dim: int,
+    pooled_dim: int = 0,
     timing_cache: Path | None = None,
     workspace_bytes: int | None = None,
     on_progress: Callable[[float | None, str], None] | None = None,
@@ -263,7 +270,7 @@ def build_engine_bytes(
     import tensorrt as trt
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
-    shapes = input_shapes(component, profile, scale=scale, text_len=text_len, text_dim=text_dim)
+    shapes = input_shapes(component, profile, scale=scale, text_len=text_len, text_dim=text_dim, pooled_dim=pooled_dim)
     trt_profile = Profile()
     for name, (lo, opt, hi) in shapes.items():
         trt_profile.add(name, min=lo, opt=opt, max=hi)
@@ -306,7 +313,8 @@ def offloaded(components: Any) -> Iterator[None]:
     if device.type != "cuda":
         yield
         return
-    modules = [m for m in (components.unet, components.vae, components.text_encoder) if m is not None]
+    modules = [m for m in (components.unet, components.vae, components.text_encoder,
+                           getattr(components, "text_encoder_2", None)) if m is not None]
     for m in modules:
         m.to("cpu")
     torch.cuda.empty_cache()
@@ -370,6 +378,7 @@ class TrtRunner:
         device: torch.device,
         max_shapes: dict[str, tuple[int, ...]],
         cuda_graphs: bool = True,
+        input_names: tuple[str, ...] | None = None,
     ) -> None:
         import tensorrt as trt
 
@@ -396,7 +405,7 @@ class TrtRunner:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        expected_in, expected_out = IO_NAMES[component]
+        expected_in = input_names or IO_NAMES[component][0]
         if sorted(self.inputs) != sorted(expected_in) or len(self.outputs) != 1:
             raise EngineLoadError(f"engine I/O {self.inputs}→{self.outputs} is not a {component} engine")
         self.inputs = list(expected_in)  # the seam's argument order
@@ -508,8 +517,11 @@ class ReadyEngine:
     seconds: float
 
 
-def _max_shapes(component: str, profile: EngineProfile, scale: int, text_len: int, text_dim: int) -> dict[str, tuple[int, ...]]:
-    return {n: s[2] for n, s in input_shapes(component, profile, scale=scale, text_len=text_len, text_dim=text_dim).items()}
+def _max_shapes(
+    component: str, profile: EngineProfile, scale: int, text_len: int, text_dim: int, pooled_dim: int = 0
+) -> dict[str, tuple[int, ...]]:
+    shapes = input_shapes(component, profile, scale=scale, text_len=text_len, text_dim=text_dim, pooled_dim=pooled_dim)
+    return {n: s[2] for n, s in shapes.items()}
 
 
 def ensure_engines(
@@ -542,6 +554,7 @@ def ensure_engines(
     gpu_name, cc = gpu_identity(device)
     scale = vae_scale(components)
     text_len, text_dim = components.model_max_length, components.cross_attention_dim
+    pooled_dim = components.conditioning.pooled_dim
     ready: dict[str, ReadyEngine] = {}
     for index, component in enumerate(which, start=1):
         key = make_key(components, component, profile, trt_version=str(trt.__version__),
@@ -569,6 +582,7 @@ def ensure_engines(
                     free = torch.cuda.mem_get_info(device)[0]
                     return build_engine_bytes(
                         report.path, _c, profile, scale=scale, text_len=text_len, text_dim=text_dim,
+                        pooled_dim=pooled_dim,
                         timing_cache=cache.timing_cache_path(_k),
                         # Leave headroom for the builder's own weights and the CUDA context.
                         workspace_bytes=max(int(free * 0.75), 1 << 30),
@@ -585,8 +599,8 @@ def ensure_engines(
                 return None
             # A cached engine may cover more than asked: size its buffers for what it covers.
             return TrtRunner(entry.engine_path.read_bytes(), component=_c, device=device,
-                             max_shapes=_max_shapes(_c, entry.key.profile, scale, text_len, text_dim),
-                             cuda_graphs=cuda_graphs)
+                             max_shapes=_max_shapes(_c, entry.key.profile, scale, text_len, text_dim, pooled_dim),
+                             cuda_graphs=cuda_graphs, input_names=io_names(components, _c)[0])
 
         cache.root.mkdir(parents=True, exist_ok=True)
         try:
@@ -631,7 +645,7 @@ def seam_acceptors(profile: EngineProfile, scale: int) -> dict[str, Callable[...
         return profile.accepts_size(h, w)
 
     return {
-        "unet_call": lambda x, t, e: spatial(x.shape[2] * scale, x.shape[3] * scale, x.shape[0], profile.max_batch),
+        "unet_call": lambda x, t, e, **_: spatial(x.shape[2] * scale, x.shape[3] * scale, x.shape[0], profile.max_batch),
         "vae_encode": lambda img: spatial(img.shape[2], img.shape[3], img.shape[0], profile.vae_max_batch),
         "vae_decode": lambda z: spatial(z.shape[2] * scale, z.shape[3] * scale, z.shape[0], profile.vae_max_batch),
     }

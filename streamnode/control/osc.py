@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import functools
 import ipaddress
 import logging
 import math
@@ -33,7 +32,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -47,9 +46,9 @@ from streamnode.config import ConfigError, OscConfig, RuntimeConfig, find_preset
 from streamnode.control.updates import STATES, ControlQueue, Update
 from streamnode.live_params import (
     BRUSH_ORDER_OSC,
+    GROUPS,
     MAX_BRUSHES,
     TRIGGERS,
-    BrushParams,
     LiveParams,
     LiveState,
     NodeParams,
@@ -119,7 +118,8 @@ class Param:
 
     `args` is one group of arguments; `repeat` says how many groups a message may carry
     (`/t_index` takes 1..8 ints, `/prompt_blend` 1..8 (string, float) pairs). `key` is the
-    `Update` key; brush addresses (`/brush/N/...`) carry `field`, the `BrushParams` field.
+    `Update` key; the addresses of an indexed group (`/brush/N/...`, `/lora/N/...`; `group` its
+    name, which is also the key) carry `field`, the group's schema field.
     `schema` is the model whose field validates the value (None: checked by `finish` only).
     """
 
@@ -134,17 +134,12 @@ class Param:
     finish: Callable[[Any], Any] | None = None
     """Extra check/conversion after types and ranges; raises OscReject."""
     schema: type[BaseModel] | None = None
-
-    @functools.cached_property
-    def group(self) -> str | None:
-        """The indexed group an address belongs to (`/brush/N/prompt` → `/brush/N`); None for a
-        single address. The group's members in force are `LiveState.indexed()[group]`."""
-        head, sep, _ = self.address.partition("/N/")
-        return head + "/N" if sep else None
+    group: str | None = None
+    """The indexed group (live_params.GROUPS) whose `/<group>/N/<field>` address this is."""
 
     @property
     def is_brush(self) -> bool:
-        return self.group == "/brush/N"
+        return self.group == "brush"
 
     @property
     def signature(self) -> str:
@@ -400,28 +395,42 @@ def _build_addresses() -> list[Param]:
                                           default=None if name in ("preset", "model") else param.default))
     status = next(t for t in TRIGGERS if t.key == "status")
     params.append(Param(status.address, (), None, status.description, kind="trigger"))
-    # Regional prompts ("semantic brushes"): N in 0..max_brushes-1.
-    for name in BrushParams.model_fields:
-        param = _from_field(BrushParams, name, key="brush", field=name)
-        if name == "mask":
-            param = dataclasses.replace(param, finish=_mask_path)
-        params.append(param)
-    clear = next(t for t in TRIGGERS if t.key == "clear")
-    params.append(Param(clear.address, (), "brush", clear.description, kind="trigger", field="clear"))
-    params.append(Param(str(BRUSH_ORDER_OSC["osc"]), (Arg("i", 0, MAX_BRUSHES - 1),), "brush_order",
-                        str(BRUSH_ORDER_OSC["description"]), None, repeat=(1, MAX_BRUSHES), finish=_distinct))
+    # The indexed groups: regional prompts ("semantic brushes"), the LoRA stack; N in 0..limit-1.
+    for group in GROUPS:
+        for name in group.params.model_fields:
+            param = _from_field(group.params, name, key=group.name, field=name)
+            params.append(dataclasses.replace(param, group=group.name, finish=_GROUP_FINISH.get(param.address,
+                                                                                                 param.finish)))
+        clear = next(t for t in TRIGGERS if t.key == "clear" and t.address.startswith(group.prefix))
+        params.append(Param(clear.address, (), group.name, clear.description, kind="trigger", field="clear",
+                            group=group.name))
+        if group.name == "brush":
+            params.append(Param(str(BRUSH_ORDER_OSC["osc"]), (Arg("i", 0, MAX_BRUSHES - 1),), "brush_order",
+                                str(BRUSH_ORDER_OSC["description"]), None, repeat=(1, MAX_BRUSHES),
+                                finish=_distinct))
     return params
 
 
 _FINISH: dict[str, Callable[[Any], Any]] = {"preset": _preset}
+_GROUP_FINISH: dict[str, Callable[[Any], Any]] = {"/brush/N/mask": _mask_path}
 
 
 ADDRESSES: list[Param] = _build_addresses()
 """Every address the node listens on (without the --osc-prefix), in documentation order."""
 
 _BY_ADDRESS = {p.address: p for p in ADDRESSES}
-_BRUSH_FIELDS = {p.address.rsplit("/", 1)[1]: p for p in ADDRESSES if p.is_brush}
+_GROUP_FIELDS: dict[str, dict[str, Param]] = {
+    g.name: {p.address.rsplit("/", 1)[1]: p for p in ADDRESSES if p.group == g.name} for g in GROUPS
+}
 _VALUE_PARAMS = [p for p in ADDRESSES if p.kind == "value"]
+
+Limits = Mapping[str, int] | int
+"""How many indices each group has (`runtime.max_brushes`, `runtime.max_loras`), by group name;
+an int gives every group the same."""
+
+
+def _limit(limits: Limits, group: str) -> int:
+    return limits if isinstance(limits, int) else int(limits.get(group, 0))
 
 OUT_ADDRESSES: list[tuple[str, str, str]] = [
     ("/streamnode/heartbeat", "i", "Once a second; counts up from 1."),
@@ -445,31 +454,28 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-def lookup(address: str, max_brushes: int) -> tuple[Param, int | None] | None:
-    """Local address (no prefix) → its Param and brush index; None if we don't serve it."""
+def lookup(address: str, limits: Limits) -> tuple[Param, int | None] | None:
+    """Local address (no prefix) → its Param and index (in an indexed group); None if we don't serve it."""
     param = _BY_ADDRESS.get(address)
     if param is not None:
-        return None if param.is_brush else (param, None)
-    if address.startswith("/brush/"):
-        _, _, n, *rest = address.split("/")
-        if len(rest) == 1 and n.isdigit() and len(n) <= 3 and int(n) < max_brushes and rest[0] in _BRUSH_FIELDS:
-            return _BRUSH_FIELDS[rest[0]], int(n)
+        return None if param.group else (param, None)
+    _, group, n, *rest = address.split("/") if address.count("/") >= 3 else ("", "", "", "")
+    fields = _GROUP_FIELDS.get(group)
+    if fields and len(rest) == 1 and n.isdigit() and len(n) <= 3 and int(n) < _limit(limits, group) and rest[0] in fields:
+        return fields[rest[0]], int(n)
     return None
 
 
-def param_address(param: Param, brush: int | None) -> str:
-    return param.address.replace("/N/", f"/{brush}/") if brush is not None else param.address
+def param_address(param: Param, index: int | None) -> str:
+    return param.address.replace("/N/", f"/{index}/") if index is not None else param.address
 
 
-def value_at(live: LiveState, param: Param, brush: int | None = None) -> Any:
+def value_at(live: LiveState, param: Param, index: int | None = None) -> Any:
     """The value in force at an address, from the node's live state; None where nothing is in force
-    (the prompt while a blend is, a brush that does not exist, a mask that came as an array).
-    `brush` is the member's number for any indexed group (`/brush/N/...`)."""
-    if param.group is not None:
-        member = live.indexed().get(param.group, {}).get(brush) if brush is not None else None
-        if member is None or param.field is None:
-            return None
-        return getattr(getattr(member, "params", member), param.field)
+    (the prompt while a blend is, a brush or LoRA that does not exist, a mask that came as an array)."""
+    if param.group:
+        params = live.group(param.group).get(index) if index is not None else None
+        return None if params is None or param.field is None else getattr(params, param.field)
     if param.key == "brush_order":
         return list(live.brush_order) or None
     if param.key in NodeParams.model_fields:
@@ -479,28 +485,27 @@ def value_at(live: LiveState, param: Param, brush: int | None = None) -> Any:
     return None
 
 
-def _members(live: LiveState, group: str, limit: int) -> list[int]:
-    return sorted(n for n in live.indexed().get(group, {}) if n < limit)
+def _indices(live: LiveState, group: str, limits: Limits) -> list[int]:
+    return sorted(i for i in live.group(group) if i < _limit(limits, group))
 
 
-def _changed(old: LiveState, new: LiveState, max_brushes: int) -> list[str]:
+def _changed(old: LiveState, new: LiveState, limits: Limits) -> list[str]:
     """The addresses whose value differs between two live states (indexed groups expanded)."""
+    indices = {g.name: sorted(set(_indices(old, g.name, limits)) | set(_indices(new, g.name, limits))) for g in GROUPS}
     changed = []
     for p in _VALUE_PARAMS:
-        members = None if p.group is None else sorted(
-            set(_members(old, p.group, max_brushes)) | set(_members(new, p.group, max_brushes)))
-        for n in [None] if members is None else members:
+        for n in indices[p.group] if p.group else [None]:
             before, now = value_at(old, p, n), value_at(new, p, n)
             if (before is None) != (now is None) or (before is not None and not _same(before, now)):
                 changed.append(param_address(p, n))
     return changed
 
 
-def live_values(live: LiveState, max_brushes: int) -> dict[str, Any]:
-    """Every address with a value in force (indexed groups expanded): what /status reports."""
+def live_values(live: LiveState, limits: Limits) -> dict[str, Any]:
+    """Every address with a value in force (indexed groups expanded): what /status and OSCQuery report."""
     values: dict[str, Any] = {}
     for p in _VALUE_PARAMS:
-        for n in [None] if p.group is None else _members(live, p.group, max_brushes):
+        for n in _indices(live, p.group, limits) if p.group else [None]:
             value = value_at(live, p, n)
             if value is not None:
                 values[param_address(p, n)] = value
@@ -626,6 +631,7 @@ class OscServer:
         *,
         live: LiveFn | None = None,
         max_brushes: int | None = None,
+        max_loras: int | None = None,
         name: str = "streamnode",
     ) -> None:
         self.config = config
@@ -633,6 +639,8 @@ class OscServer:
         self._status = status
         self._live: LiveFn = live or LiveState
         self.max_brushes = _default(RuntimeConfig, "max_brushes") if max_brushes is None else max_brushes
+        self.max_loras = _default(RuntimeConfig, "max_loras") if max_loras is None else max_loras
+        self.limits: dict[str, int] = {"brush": self.max_brushes, "lora": self.max_loras}
         self.name = name
         self._prefix = config.prefix
         self._allow = [ipaddress.ip_network(a, strict=False) for a in config.allow]
@@ -649,7 +657,7 @@ class OscServer:
         self._tree: Any = None  # its AddressTree; changes() is called on the sender thread only
         self._announcement: Any = None  # mDNS, with osc.oscquery_mdns
         # Indexed groups' slot counts: every slot is listed in OSCQuery (writing one creates it).
-        self.group_slots: dict[str, int] = {"/brush/N": self.max_brushes}
+        self.group_slots: dict[str, int] = dict(self.limits)
         self._started = False
         self._stopped = False
 
@@ -874,11 +882,11 @@ class OscServer:
             return
         if local.startswith("/streamnode/"):
             return  # our own replies looped back by a surface: never answer them (no ping-pong)
-        found = lookup(local, self.max_brushes)
+        found = lookup(local, self.limits)
         if found is None:
             self._reject(host, "unknown", self._unknown_reason(address, local), address)
             return
-        param, brush = found
+        param, index = found
         if param.key == "model" and not self.config.allow_model_switch:
             self._reject(host, local, f"{address}: loading a model over OSC is off; start the node "
                          "with --allow-model-switch", address)
@@ -888,9 +896,9 @@ class OscServer:
         except OscReject as e:
             self._reject(host, local, str(e), address)
             return
-        self._accept(param, brush, param_address(param, brush), value, data, host)
+        self._accept(param, index, param_address(param, index), value, data, host)
 
-    def _accept(self, param: Param, brush: int | None, local: str, value: Any, data: bytes, host: str) -> None:
+    def _accept(self, param: Param, index: int | None, local: str, value: Any, data: bytes, host: str) -> None:
         if param.kind == "trigger":
             if value is not None:  # a level: only 0→1 fires; a CHOP repeating 1 does nothing
                 with self._memo_lock:
@@ -904,10 +912,10 @@ class OscServer:
             if param.key is None:  # /status
                 self._outbox.append(("status", self._target(host)))
             else:
-                self.queue.put(Update(param.key, (brush, param.field, None), origin=local))
+                self.queue.put(Update(param.key, (index, param.field, None), origin=local))
             return
-        update = Update(param.key or "", (brush, param.field, value) if brush is not None else value, origin=local)
-        if self._in_force(update, param, brush, value):
+        update = Update(param.key or "", (index, param.field, value) if index is not None else value, origin=local)
+        if self._in_force(update, param, index, value):
             with self._memo_lock:
                 self._remember_locked(local, data)
             self.counters["deduped"] += 1
@@ -917,17 +925,17 @@ class OscServer:
         self.counters["accepted"] += 1
         self.queue.put(update)
 
-    def _in_force(self, update: Update, param: Param, brush: int | None, value: Any) -> bool:
+    def _in_force(self, update: Update, param: Param, index: int | None, value: Any) -> bool:
         """True when `value` is what the node already uses (or has queued) at this address."""
         if self.queue.pending("preset") is not None:
             return False  # a preset about to change many values: this one must follow it, not vanish
         pending = self.queue.pending(update.slot)
         if pending is not None:
-            current = pending.value[2] if brush is not None else pending.value
+            current = pending.value[2] if index is not None else pending.value
         elif param.key == "model" and self._loading_model() == value:
             return True  # already loading it: a DAT repeating the id must not restart the load
         else:
-            current = value_at(self._live(), param, brush)
+            current = value_at(self._live(), param, index)
         return current is not None and _same(current, value)
 
     def _loading_model(self) -> Any:
@@ -956,11 +964,14 @@ class OscServer:
         return None
 
     def _unknown_reason(self, address: str, local: str) -> str:
-        known = [p.address for p in ADDRESSES if not p.is_brush]
+        known = [p.address for p in ADDRESSES if not p.group]
         close = difflib.get_close_matches(local, known, n=1)
         hint = f"; did you mean {self._prefix}{close[0]}?" if close else ""
-        if local.startswith("/brush/"):
-            hint = f"; brushes are /brush/0 to /brush/{self.max_brushes - 1} with " + ", ".join(_BRUSH_FIELDS)
+        for group in GROUPS:
+            if local.startswith(group.prefix):
+                last = self.limits[group.name] - 1
+                hint = (f"; {group.name} addresses are {group.prefix}0 to {group.prefix}{last} "
+                        f"(runtime.{group.limit}) with " + ", ".join(_GROUP_FIELDS[group.name]))
         return f"{address[:120]}: unknown address{hint} (docs/osc.md lists them)"
 
     def _is_allowed(self, host: str) -> bool:
@@ -1020,7 +1031,7 @@ class OscServer:
             old, self._checked = self._checked, live
         if old is None or old is live:
             return
-        for local in _changed(old, live, self.max_brushes):
+        for local in _changed(old, live, self.limits):
             self.forget(local)
 
     # -- sender thread
@@ -1075,11 +1086,11 @@ class OscServer:
 
     def _echo_applied(self, update: Update) -> None:
         """Each update applied from OSC is echoed at its address, as sent (a trigger with no value)."""
-        found = lookup(update.origin, self.max_brushes)
+        found = lookup(update.origin, self.limits)
         if found is None:
             return
         param = found[0]
-        value = update.value[2] if update.key == "brush" else update.value
+        value = update.value[2] if update.key in _GROUP_FIELDS else update.value
         self._just_echoed[update.origin] = value
         self._send_all(self._out("/streamnode/applied" + update.origin), param.to_osc(value))
 
@@ -1095,8 +1106,8 @@ class OscServer:
         self._echoed = live
         if live is old or old is None:
             return
-        for local in _changed(old, live, self.max_brushes):
-            found = lookup(local, self.max_brushes)
+        for local in _changed(old, live, self.limits):
+            found = lookup(local, self.limits)
             if found is None:
                 continue
             now = value_at(live, *found)
@@ -1120,8 +1131,8 @@ class OscServer:
         for address, args in self._status_messages(st):
             self._send(target, self._out(address), args)
         self._send(target, self._out("/streamnode/error"), [("s", str(st.get("error") or ""))])
-        for local, value in live_values(self._live(), self.max_brushes).items():
-            found = lookup(local, self.max_brushes)
+        for local, value in live_values(self._live(), self.limits).items():
+            found = lookup(local, self.limits)
             if found is not None:
                 self._send(target, self._out("/streamnode/applied" + local), found[0].to_osc(value))
 

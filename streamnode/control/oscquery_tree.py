@@ -8,7 +8,7 @@ live_params.py) and the node's `LiveState`:
   Each method has `TYPE`, `ACCESS`, `DESCRIPTION`, `RANGE` where it is ranged, and `VALUE`:
   the value in force, or an empty one where nothing is (`""`, 0, one group of those for a
   list). Triggers are write-only (`ACCESS` 2, `TYPE` `N`, `VALUE` `[null]`).
-- An indexed group (`/brush/N/...`, or any group `LiveState` declares the same way) appears
+- An indexed group (`/brush/N/...`, `/lora/N/...`: live_params.GROUPS) appears
   as one container per slot (`/brush/0` … `/brush/7`): every member can be written, which
   creates it; one not in use reads as empty and says so in its container's description.
 - `changes()`: since the last call, the values that changed (as the OSC messages a LISTEN
@@ -84,7 +84,7 @@ class _Layout:
 
 class AddressTree:
     """The node's address space for OSCQuery. `slots` gives each indexed group's size
-    (`{"/brush/N": 8}`); a group without one lists the members in force. `describe()` and
+    (`{"brush": 8}`); a group without one lists the members in force. `describe()` and
     `packets()` may run on any thread; `changes()` keeps what it last reported and has one
     caller (the OSC sender thread)."""
 
@@ -128,7 +128,7 @@ class AddressTree:
         return layout
 
     def _member_path(self, group: str, n: int) -> str:
-        return f"{self.prefix}{group.removesuffix('/N')}/{n}"
+        return f"{self.prefix}/{group}/{n}"
 
     def reading(self, live: LiveState, method: Method) -> Reading:
         """What a method reads as: the value in force, or `neutral()` where nothing is."""
@@ -165,7 +165,7 @@ class AddressTree:
             container = containers.get(methods[0].member or "")
             if container is not None:
                 used = n in groups.get(group, {})
-                container["DESCRIPTION"] = f"{group.rsplit('/', 2)[1]} {n}" + ("" if used else " (not in use)")
+                container["DESCRIPTION"] = f"{group} {n}" + ("" if used else " (not in use)")
         return find_node(root, path)
 
     def _method_node(self, live: LiveState, m: Method, presets: list[str] | None) -> dict[str, Any]:

@@ -14,17 +14,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from streamnode.live_params import LiveParams, NodeParams
+from streamnode.live_params import GROUPS, LiveParams, NodeParams
 
 ENGINE_KEYS = frozenset({*LiveParams.model_fields, "brush_order"})
 """Keys the node forwards to `Engine.update(**{key: value})` (the schema's LiveParams, plus the brush order)."""
 
+_GROUP_NAMES = frozenset(g.name for g in GROUPS)
+
 STATES = ("starting", "loading_model", "building_engine", "warming_up", "streaming", "paused", "error")
 """The node's lifecycle states: `Node.status()["state"]`, reported as /streamnode/state."""
 
-NODE_KEYS = frozenset({*NodeParams.model_fields, "brush"})
-"""Keys the node handles itself (the schema's NodeParams; brush values are `(index, field, value)`
-tuples, field a BrushParams field or "clear")."""
+NODE_KEYS = frozenset({*NodeParams.model_fields, *(g.name for g in GROUPS)})
+"""Keys the node handles itself (the schema's NodeParams; the indexed groups', brush and lora, whose
+values are `(index, field, value)` tuples, field a BrushParams / LoraParams field or "clear")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,9 +37,11 @@ class Update:
 
     @property
     def slot(self) -> str:
-        """What a newer update replaces: the key, or the (brush, field) pair for brush edits."""
-        if self.key == "brush":
-            return f"brush/{self.value[0]}/{self.value[1]}"
+        """What a newer update replaces: the key, or the (index, field) pair in an indexed group."""
+        if self.key in _GROUP_NAMES:
+            # (index, field, value); (index, {field: value, ...}), a whole entry (a preset's), is "*".
+            field = self.value[1] if isinstance(self.value[1], str) else "*"
+            return f"{self.key}/{self.value[0]}/{field}"
         return self.key
 
 

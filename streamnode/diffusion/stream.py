@@ -46,12 +46,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
 import torch
 
 from streamnode.config import StreamConfig
+from streamnode.diffusion.conditioning import AddedCond
+from streamnode.diffusion.lora import LoraPlan, LoraStack, StalePlan
 from streamnode.diffusion.prompts import PromptCache, blend_embeddings
 from streamnode.diffusion.regions import Regions
 from streamnode.diffusion.schedule import LcmSchedule
@@ -63,13 +65,22 @@ logger = logging.getLogger(__name__)
 CfgType = Literal["none", "full", "self", "initialize"]
 CFG_TYPES: tuple[str, ...] = ("none", "full", "self", "initialize")
 
-UnetCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""(x (rows, 4, h, w), t (rows,) long, embeddings (rows, 77, D)) → model output (rows, 4, h, w)."""
+class UnetCall(Protocol):
+    """The UNet seam: (x (rows, 4, h, w), t (rows,) long, encoder_hidden_states (rows, 77, D)) → model
+    output (rows, 4, h, w). `added_cond`, keyword-only, is the family's extra conditioning
+    (conditioning.py; SDXL: {"text_embeds": (rows, P), "time_ids": (rows, 6)}); it is passed only
+    when the model has one, so an SD1/SD2 seam may be any plain 3-argument callable."""
+
+    def __call__(
+        self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, *, added_cond: AddedCond | None = None
+    ) -> torch.Tensor: ...
+
 VaeCall = Callable[[torch.Tensor], torch.Tensor]
 
-UPDATE_KEYS = frozenset({*LiveParams.model_fields, "brush", "brush_order"})
+UPDATE_KEYS = frozenset({*LiveParams.model_fields, "brush", "brush_order", "lora"})
 """What `StreamEngine.update()` accepts: the live parameters (live_params.LiveParams), `brush`
-((index, field, value) or (index, {field: value, ...}); regions.py) and `brush_order`."""
+((index, field, value) or (index, {field: value, ...}); regions.py), `brush_order`, and `lora`
+(the same edit shapes, or a plan from `prepare_lora()`; lora.py)."""
 
 # Live fields that do not alter the output; after any other change the similarity filter stands
 # aside until the change has flowed through every stage (a static input would otherwise freeze
@@ -89,14 +100,16 @@ class _Kind(NamedTuple):
     dtype: torch.dtype | None = None
 
 
-def _brush_fields(value: Any) -> tuple[Any, dict[str, Any]]:
-    """`update(brush=...)`: (index, field, value) or (index, {field: value, ...}) → (index, fields)."""
+def _indexed_fields(value: Any, what: str = "brush") -> tuple[Any, dict[str, Any]]:
+    """`update(brush=...)`, `update(lora=...)`: (index, field, value) or (index, {field: value, ...})
+    → (index, fields)."""
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         if len(value) == 3 and isinstance(value[1], str):
             return value[0], {value[1]: value[2]}
         if len(value) == 2 and isinstance(value[1], Mapping):
             return value[0], dict(value[1])
-    raise ValueError("brush: give (index, field, value) or (index, {field: value, ...}), e.g. (0, 'prompt', 'flames')")
+    example = "(0, 'prompt', 'flames')" if what == "brush" else "(0, 'weight', 0.8)"
+    raise ValueError(f"{what}: give (index, field, value) or (index, {{field: value, ...}}), e.g. {example}")
 
 
 class StreamEngine:
@@ -104,9 +117,10 @@ class StreamEngine:
 
     Frozen at construction: the components, width, height, frame_buffer_size, cfg_type.
     Live (`update()`, applied between frames): prompts, guidance, delta, t_index_list /
-    strength, seed, similarity filter, prompt transition; `params` is what is in force.
+    strength, seed, similarity filter, prompt transition, brushes, the LoRA stack; `params` is
+    what is in force. Fixed too: `lora_mode` ("runtime" or "merged", lora.py).
 
-    Backends are swappable: `unet_call(x, t, emb)`, `vae_encode(img)` and `vae_decode(z)`
+    Backends are swappable: `unet_call(x, t, emb, *, added_cond)`, `vae_encode(img)` and `vae_decode(z)`
     are plain attributes and every UNet/VAE evaluation (stream, warm fill, reference) goes
     through them. The UNet batch has `batch_rows` rows, fixed by (T, F, cfg_type); the
     images handed to the VAE are (N, 3, H, W) in [-1, 1] in channels-last memory, latents
@@ -133,6 +147,8 @@ class StreamEngine:
         blend_method: str = "linear",
         prompt_cache_size: int = 64,
         max_brushes: int = 8,
+        lora_mode: str = "runtime",
+        max_loras: int = 8,
     ) -> None:
         fixed = validated(
             StreamConfig, {"width": width, "height": height, "frame_buffer_size": frame_buffer_size, "cfg_type": cfg_type}
@@ -165,10 +181,14 @@ class StreamEngine:
         # The acceleration seam: replace these three to swap backends (accel/).
         unet = components.unet
 
-        def eager_unet(x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-            return unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+        def eager_unet(
+            x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, *, added_cond: AddedCond | None = None
+        ) -> torch.Tensor:
+            return unet(x, t, encoder_hidden_states=emb, added_cond_kwargs=added_cond, return_dict=False)[0]
 
         self.unet_call: UnetCall = eager_unet
+        # The model family's conditioning (conditioning.py): packs prompts, unpacks rows for the seam.
+        self._conditioning = components.conditioning
         self.vae_encode: VaeCall = components.encode_image
         self.vae_decode: VaeCall = components.decode_latents
 
@@ -214,9 +234,14 @@ class StreamEngine:
         self._params = self._initial
         self._live = LiveState(params=self._params)
         self._closers: list[Callable[[], None]] = []
+        # The LoRA stack (lora.py) on this engine's UNet, and who must hear when it changes the
+        # UNet's weights (an accelerated UNet built with the old ones: accel/).
+        self._loras = LoraStack(components.unet, mode=lora_mode, max_loras=max_loras)
+        self._weight_listeners: list[Callable[[bool], None]] = []
         self._schedule: LcmSchedule | None = None
         self._stage_noise: torch.Tensor | None = None  # (T, 4, h, w) float32 CPU, one per stage
-        self._emb_current: torch.Tensor | None = None  # (2, 77, D): [negative, positive]
+        # (2, L, D): [negative, positive], packed prompt embeddings (L = 77, or 78 for SDXL: conditioning.py)
+        self._emb_current: torch.Tensor | None = None
         self._transition: list[Any] | None = None  # [from, to, frames done, frames total]
         self._rows_dirty = True
         self._cold = True
@@ -272,9 +297,16 @@ class StreamEngine:
         the release of their engines and sessions here (accel/)."""
         self._closers.append(release)
 
+    def on_weights_change(self, listener: Callable[[bool], None]) -> None:
+        """Call `listener(structure)` on the engine thread after a LoRA edit changed what the UNet
+        computes; `structure`: LoRAs (runtime hooks) were added or removed, not only weights."""
+        self._weight_listeners.append(listener)
+
     def close(self) -> None:
         """Release what the engine holds beyond its Python objects (accelerated engines, device
-        buffers). Safe twice; the engine must not be called afterwards."""
+        buffers) and give the UNet back as loaded (no LoRA). Safe twice; the engine must not be
+        called afterwards."""
+        self._loras.close()
         closers, self._closers = self._closers, []
         for release in reversed(closers):
             try:
@@ -394,6 +426,9 @@ class StreamEngine:
             removes) one brush (regions.FIELDS); only that brush is re-encoded / re-masked, and
             the stream is not flushed. A change in the number of active brushes changes
             `batch_rows`. brush_order: every brush number once, bottom first.
+        lora: (index, field, value) or (index, {field: value, ...}) edits, creates ("clear":
+            removes) one LoRA (live_params.LoraParams: source, weight, enabled), or a plan made by
+            `prepare_lora()` off this thread. A new source is read here when not planned before.
 
         Raises ValueError (the engine unchanged) for an unknown key or a bad value.
         """
@@ -412,7 +447,7 @@ class StreamEngine:
             raise ValueError(f"unknown engine parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(UPDATE_KEYS))}")
         if "brush" in kwargs and "brush_order" in kwargs:
             raise ValueError("give brush or brush_order, not both")
-        plain = {k: v for k, v in kwargs.items() if k not in ("brush", "brush_order")}
+        plain = {k: v for k, v in kwargs.items() if k not in ("brush", "brush_order", "lora")}
         new = base.apply(plain) if plain else base
 
         old = self._params
@@ -426,9 +461,12 @@ class StreamEngine:
         if self._stage_noise is None or new.seeds != old.seeds or new.steps != self.steps:
             derived["noise"] = self._noise_for(new.seeds, new.steps)
         if "brush" in kwargs:
-            derived["brush"] = self._regions.check(*_brush_fields(kwargs["brush"]))
+            derived["brush"] = self._regions.check(*_indexed_fields(kwargs["brush"]))
         if "brush_order" in kwargs:
             derived["brush_order"] = self._regions.check_order(kwargs["brush_order"])
+        if "lora" in kwargs:
+            value = kwargs["lora"]
+            derived["lora"] = value if isinstance(value, LoraPlan) else self.prepare_lora(value)
         return new, derived
 
     def _commit(self, new: LiveParams, derived: dict[str, Any], *, transition: bool) -> None:
@@ -457,12 +495,49 @@ class StreamEngine:
             if self.layers != layers:
                 self._build_rows()
             self._rows_dirty = True
-        self._live = LiveState(params=new, brushes=self._regions.brushes, brush_order=self._regions.order)
+        if "lora" in derived:
+            self._commit_lora(derived["lora"])
+        self._live = LiveState(params=new, brushes=self._regions.brushes, brush_order=self._regions.order,
+                               loras=self._loras.params)
         changed = {name for name in LiveParams.model_fields if getattr(old, name) != getattr(new, name)}
-        if changed - _QUIET_FIELDS or "brush" in derived or "brush_order" in derived:
+        if changed - _QUIET_FIELDS or {"brush", "brush_order", "lora"} & derived.keys():
             self._settle = max(self._settle, new.prompt_transition_frames + self.steps)
         if changed:
             logger.debug("engine parameters: %s", ", ".join(f"{k}={getattr(new, k)!r}" for k in sorted(changed)))
+
+    # -- the LoRA stack (lora.py) -----------------------------------------------------------
+
+    @property
+    def loras(self) -> LoraStack:
+        """The LoRA stack, for inspection; edit it through `update(lora=...)`."""
+        return self._loras
+
+    def lora_heavy(self, edit: Any) -> bool:
+        """True when a LoRA edit has heavy work to do before it can be committed (a file to read,
+        or merged weights to compute): the node plans those off the engine thread."""
+        index, fields = _indexed_fields(edit, "lora")
+        slot = self._loras.params.get(index) if isinstance(index, int) else None
+        new_source = "source" in fields and (slot is None or fields["source"] != slot.source)
+        return new_source or self._loras.mode == "merged"
+
+    def prepare_lora(self, edit: Any) -> LoraPlan:
+        """The heavy half of a LoRA edit ((index, field, value) or (index, {field: value, ...});
+        field "clear" removes it): reads its file, computes concatenated factors or merged weights.
+        Safe on any thread while frames run (it changes nothing); commit the plan on the engine
+        thread with `update(lora=plan)`. Raises ValueError (lora.LoraError) with one line."""
+        with torch.inference_mode():
+            return self._loras.plan(*_indexed_fields(edit, "lora"))
+
+    def _commit_lora(self, plan: LoraPlan) -> None:
+        try:
+            self._loras.commit(plan)
+        except StalePlan:
+            # Another LoRA edit came first: plan this one again on the stack in force, reusing
+            # the file it read (only the concatenation or the merge is redone, here).
+            plan = self._loras.replan(plan)
+            self._loras.commit(plan)
+        for listener in self._weight_listeners:
+            listener(plan.structure)
 
     def _encode_texts(self, texts: list[str]) -> torch.Tensor:
         self.stats["text_encodes"] += len(texts)
@@ -475,11 +550,14 @@ class StreamEngine:
         return emb
 
     def _embeddings_for(self, params: LiveParams) -> torch.Tensor:
-        """(2, 77, D): [negative, blended positive], every text served by the LRU cache."""
+        """(2, L, D): [negative, blended positive] (packed, conditioning.py), every text served by the LRU cache."""
         texts = [params.negative_prompt, *(text for text, _ in params.prompts)]
         embs = self._prompts.get_many(texts)
         positive = blend_embeddings(embs[1:], [w for _, w in params.prompts], params.blend_method)
-        return torch.cat([embs[0], positive]).to(self.device, self.dtype)
+        negative = embs[0]
+        if self._conditioning.negative_is_zero(params.negative_prompt):
+            negative = torch.zeros_like(negative)  # SDXL: no negative prompt is zeros, not the encoding of ""
+        return torch.cat([negative, positive]).to(self.device, self.dtype)
 
     def _noise_for(self, seed_blend: tuple[tuple[int, float], ...], steps: int) -> torch.Tensor:
         """Fixed noises n_0 … n_{T−1}: (T, 4, h, w) float32.
@@ -579,7 +657,8 @@ class StreamEngine:
     def _unet(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """One UNet evaluation through the swappable backend, as ε."""
         self.stats["unet_calls"] += 1
-        out = self.unet_call(x, t, emb)
+        hidden, added = self._conditioning.unet_inputs(emb, height=self.height, width=self.width)
+        out = self.unet_call(x, t, hidden) if added is None else self.unet_call(x, t, hidden, added_cond=added)
         if self._prediction == "epsilon":
             return out
         a, b = self._sqrt_acp[t].view(-1, 1, 1, 1), self._sqrt_1m_acp[t].view(-1, 1, 1, 1)
@@ -665,7 +744,7 @@ class StreamEngine:
         return x0[-F:]
 
     def _write_rows(self, emb: torch.Tensor) -> None:
-        """(2, 77, D) [negative, positive] → the (batch_rows, 77, D) embeddings of the UNet call."""
+        """(2, L, D) [negative, positive] → the (batch_rows, L, D) packed embeddings of the UNet call."""
         n_neg, rows, P = self.negative_rows, self.batch_rows, self.layers
         if self._unet_emb is None or self._unet_emb.shape[0] != rows:
             self._unet_emb = torch.empty((rows, *emb.shape[1:]), device=self.device, dtype=self.dtype)

@@ -1,13 +1,15 @@
 """Applying control updates: on the engine thread, between frames, never in the middle of one.
 
-Each update drained from the control queue goes to its owner: live parameters and brush edits
-to the engine (which validates them against the schema and keeps what is in force), pause,
-bypass and preset to the node, a model change to the loader (model_switch.py). Every outcome is
-reported on the queue (`ControlQueue.report`): an update that cannot be applied costs one log
-line (rate-limited), an error reply and nothing else; the node keeps streaming.
+Each update drained from the control queue goes to its owner: live parameters, brush and LoRA
+edits to the engine (which validates them against the schema and keeps what is in force), pause,
+bypass and preset to the node, a model change to the loader (model_switch.py), a LoRA edit with
+heavy work (a file to read, weights to merge) to the LoRA loader (lora_loader.py), whose plans
+are committed here between frames. Every outcome is reported on the queue
+(`ControlQueue.report`): an update that cannot be applied costs one log line (rate-limited), an
+error reply and nothing else; the node keeps streaming.
 
 A preset replaces the look: its live values (as live updates, so prompts blend in), its
-brushes (all current brushes go), and, with --allow-model-switch, its model.
+brushes and LoRAs (all current ones go), and, with --allow-model-switch, its model.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from streamnode.control.updates import ENGINE_KEYS, Update
 from streamnode.engine import Engine
 from streamnode.live_params import MASK_SOURCES, LiveState
 from streamnode.log_limit import LogLimiter, held_text
+from streamnode.node.lora_loader import LoraJob
 from streamnode.node.model_switch import LoadJob
 
 if TYPE_CHECKING:
@@ -42,10 +45,12 @@ class Applier:
     # -- the queue
 
     def apply_pending(self) -> None:
-        """Poll the brush mask channels, then apply every queued update, reporting each."""
+        """Poll the brush mask channels, commit the LoRA edits planned meanwhile, then apply every
+        queued update, reporting each."""
         node = self.node
         if self._poll_masks():
             node.publish_live()
+        self._commit_planned_loras()
         for update in node.queue.drain():
             try:
                 self.apply(update)
@@ -83,6 +88,8 @@ class Applier:
             raise Deferred
         elif key == "brush":
             self.apply_brush(value, engine)
+        elif key == "lora":
+            self.apply_lora(update, engine)
         else:
             raise ValueError(f"unknown control key {key!r}")
         if node.switches.preset:
@@ -103,6 +110,14 @@ class Applier:
         for index, brush in enumerate(cfg.brushes):
             for field_name, field_value in brush.model_dump(exclude_defaults=True).items():
                 self.apply_brush((index, field_name, field_value), engine)
+        # So do its LoRAs: each one edit (read and merged once), reported on its own when planned.
+        wanted = {index: lora.model_dump() for index, lora in enumerate(cfg.loras)}
+        for index, lora in state.loras.items():
+            if wanted.get(index) != lora.model_dump():
+                self.apply_lora(Update("lora", (index, "clear", None), origin=""), engine, deferred_ok=True)
+        for index, fields in wanted.items():
+            if state.loras.get(index) is None or state.loras[index].model_dump() != fields:
+                self.apply_lora(Update("lora", (index, fields), origin=""), engine, deferred_ok=True)
         node.set_switches(preset=name)
         now = node.config
         fixed = [k for k in ("width", "height", "frame_buffer_size", "cfg_type", "mode")
@@ -138,6 +153,47 @@ class Applier:
             if old is not None:
                 old.close()
         logger.info("model switched to %s", job.config.model.id)
+
+    # -- LoRAs
+
+    def apply_lora(self, update: Update, engine: Engine, *, deferred_ok: bool = False) -> None:
+        """A LoRA edit ((index, field or "clear", value), or (index, {fields})): at once when it is
+        light and nothing is waiting before it, else planned on the LoRA loader's thread (Deferred,
+        unless `deferred_ok`: then it is reported when committed, and this returns)."""
+        node = self.node
+        index = int(update.value[0])
+        limit = node.config.runtime.max_loras
+        if not 0 <= index < limit:
+            raise ValueError(f"lora {update.value[0]}: use 0..{limit - 1}")
+        edit = (index, *update.value[1:])
+        if node.lora_loader.busy() or engine.lora_heavy(edit):
+            node.lora_loader.request(LoraJob(update, engine, edit))
+            if deferred_ok:
+                return
+            raise Deferred
+        engine.update(lora=edit)
+
+    def _commit_planned_loras(self) -> None:
+        """Commit the LoRA plans the loader finished (engine thread, between frames); report each."""
+        node = self.node
+        loader = node.lora_loader
+        for planned in loader.take():
+            update, index = planned.job.update, planned.job.edit[0]
+            engine = node.engine
+            try:
+                if planned.error:
+                    raise ValueError(planned.error)
+                assert engine is not None
+                if planned.job.engine is engine:
+                    engine.update(lora=planned.plan)
+                else:
+                    engine.update(lora=planned.job.edit)  # a model switch came between: plan it here
+            except Exception as e:  # noqa: BLE001 - a bad LoRA is reported, never fatal
+                self.failed(update, f"lora {index}: {e}")
+                continue
+            node.publish_live()
+            node.queue.report(update)
+        loader.committed()
 
     # -- brushes
 
@@ -204,3 +260,9 @@ def _catch_up(engine: Engine, prepared: LiveState, now: LiveState) -> None:
             engine.update(brush=(index, brush.edit()))
     if engine.live_params().brush_order != now.brush_order and now.brush_order:
         engine.update(brush_order=now.brush_order)
+    for index in prepared.loras:
+        if index not in now.loras:
+            engine.update(lora=(index, "clear", None))
+    for index, lora in now.loras.items():
+        if prepared.loras.get(index) != lora:
+            engine.update(lora=(index, lora.model_dump()))

@@ -18,8 +18,8 @@ EngineFactory = Callable[[NodeConfig], Engine]
 
 def build_engine(config: NodeConfig, progress: Callable[[Any], None] | None = None, *,
                  components: Any = None) -> Engine:
-    """The engine for `config.runtime.engine`: loaded, accelerated (`model.accel`) and prepared
-    with the config's live values. `progress` receives TensorRT build events. `components`:
+    """The engine for `config.runtime.engine`: loaded, its `[[loras]]` applied, accelerated
+    (`model.accel`) and prepared with the config's live values. `progress` receives TensorRT build events. `components`:
     already loaded model components to build on instead of loading `model.id` (tests, benchmarks
     that run many engines on one model)."""
     s, m = config.stream, config.model
@@ -32,7 +32,8 @@ def build_engine(config: NodeConfig, progress: Callable[[Any], None] | None = No
 
         shape = {"t_index_list": s.t_index_list, "width": s.width, "height": s.height,
                  "frame_buffer_size": s.frame_buffer_size, "cfg_type": s.cfg_type,
-                 "max_brushes": config.runtime.max_brushes}
+                 "max_brushes": config.runtime.max_brushes, "lora_mode": m.lora_mode,
+                 "max_loras": config.runtime.max_loras}
         if components is not None:
             stream = StreamEngine.from_components(components, **shape)
         else:
@@ -41,6 +42,12 @@ def build_engine(config: NodeConfig, progress: Callable[[Any], None] | None = No
                 lcm_lora=m.lcm_lora, cpu_threads=m.cpu_threads or node_cpu_threads(), **shape,
             )
         try:
+            # The preset's LoRAs before acceleration: a TensorRT engine is built with them merged in.
+            for index, lora in enumerate(config.loras):
+                try:
+                    stream.update(lora=(index, lora.model_dump()))
+                except ValueError as e:
+                    raise ValueError(f"lora {index}: {e}") from None
             accelerate_with_config(stream, m, progress=progress)
         except BaseException:
             stream.close()

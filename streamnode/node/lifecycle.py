@@ -29,6 +29,7 @@ from streamnode.node.build import EngineFactory, build_engine
 from streamnode.node.capture import Capture
 from streamnode.node.engine_loop import EngineLoop
 from streamnode.node.guard import spawn_guarded
+from streamnode.node.lora_loader import LoraLoader
 from streamnode.node.metrics import LatencyWindow, RateMeter
 from streamnode.node.model_switch import ModelLoader
 from streamnode.node.presenter import GroupPresenter
@@ -76,6 +77,7 @@ class Node:
         self._live = LiveState()
         self.mask_channels = MaskChannels()
         self.loader = ModelLoader(lambda cfg: self.engine_factory(cfg))
+        self.lora_loader = LoraLoader()
         self.engine_ready = threading.Event()
         self.ring = RingBuffer((s.height, s.width, 3), config.runtime.ring_slots, block=self.no_drop)
         self._aborted = threading.Event()  # set by stop(): writers that wait (--no-drop) give up
@@ -157,7 +159,7 @@ class Node:
             # A broken install must not run a show without its control surface.
             raise StartupError(f"OSC control cannot be loaded ({e}); reinstall streamnode, or run with --no-osc") from e
         self._osc = OscServer(self.config.osc, self.queue, self.status, live=self.live,
-                              max_brushes=self.config.runtime.max_brushes)
+                              max_brushes=self.config.runtime.max_brushes, max_loras=self.config.runtime.max_loras)
         try:
             self._osc.start()
         except OscStartError as e:
@@ -220,6 +222,7 @@ class Node:
             if thread.name in ("capture", "engine", "present"):
                 thread.join(left(0.2))
         self.loader.close(min(0.1, left(0.2)))
+        self.lora_loader.close(min(0.1, left(0.2)))
         self.outputs.end()  # the engine thread does this too when it exits normally
         for slot in self.outputs.slots:
             if slot.thread is not None:
@@ -425,6 +428,7 @@ class Node:
                 str(i): live.brushes[i].params.model_dump(mode="json", exclude_defaults=True) for i in live.brush_order
             },
             "brush_order": list(live.brush_order),
+            "loras": {str(i): p.model_dump(mode="json") for i, p in live.loras.items()},
             "size": [self.width, self.height],
             "uptime_s": round(time.monotonic() - self._t_start, 2) if self._t_start else 0.0,
         }

@@ -44,10 +44,18 @@ class Loaded:
 
 
 def replay(engine: Engine, state: LiveState) -> None:
-    """Put `state` onto a fresh engine: its parameters at once, then every brush in cover order."""
+    """Put `state` onto a fresh engine: its parameters at once, then every brush in cover order,
+    then every LoRA (read again for this engine's UNet, here on the loader thread). A LoRA that
+    does not fit the new model (made for another base) is left out with one log line: the switch
+    goes on without it."""
     engine.prepare(state.params)
     for index in state.brush_order:
         engine.update(brush=(index, state.brushes[index].edit()))
+    for index, lora in state.loras.items():
+        try:
+            engine.update(lora=(index, lora.model_dump()))
+        except ValueError as e:
+            logger.warning("model switch: LoRA %d (%s) left out: %s", index, lora.source, e)
 
 
 class ModelLoader:

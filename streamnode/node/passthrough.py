@@ -39,6 +39,8 @@ class PassThroughEngine:
         self._live = self._live.replace(params=base.apply(changes) if changes else base)
 
     def update(self, **changes: Any) -> None:
+        if "lora" in changes:
+            self.prepare_lora(changes["lora"])
         brush = changes.pop("brush", None)
         order = changes.pop("brush_order", None)
         state = self._live
@@ -82,6 +84,12 @@ class PassThroughEngine:
 
     def live_params(self) -> LiveState:
         return self._live
+
+    def lora_heavy(self, edit: Any) -> bool:
+        return False
+
+    def prepare_lora(self, edit: Any) -> Any:
+        raise ValueError("the passthrough engine has no model: LoRAs need --engine stream")
 
     # -- frames
 
