@@ -484,14 +484,16 @@ class Regions:
 
     def _rebuild(self) -> None:
         """Active brushes and the cover weights, from the cached quantized masks."""
-        self._active = tuple(i for i in self._order if self._slots[i].paints)
-        if not self._active or not self._sigmas:
+        active = tuple(i for i in self._order if self._slots[i].paints)
+        # The weights are published before the brushes they cover: a reader on another thread
+        # (status, tests) that sees the new `active` also sees weights with a layer for each.
+        if not active or not self._sigmas:
             self._weights = None
-            return
-        stages = [self._slots[i].stages for i in self._active]
-        weights = cover_weights(stages)  # type: ignore[arg-type]
-        P, T, h, w = weights.shape
-        self._weights = weights.view(P, T, 1, 1, h, w).to(self.device, self.dtype)
+        else:
+            weights = cover_weights([self._slots[i].stages for i in active])  # type: ignore[misc]
+            P, T, h, w = weights.shape
+            self._weights = weights.view(P, T, 1, 1, h, w).to(self.device, self.dtype)
+        self._active = active
 
     # -- per frame ---------------------------------------------------------------------
 
