@@ -99,7 +99,9 @@ def load_controlnet(source: str, components: Any) -> torch.nn.Module:
     why = incompatibility(net.config, components.unet.config)
     if why is not None:
         raise ControlNetError(f"{source}: {why}")
-    return net.to(components.device, components.dtype).eval().requires_grad_(False)
+    if net.dtype != dtype:
+        net = net.to(dtype=dtype)
+    return net.to(components.device).eval().requires_grad_(False)
 
 
 def _from_file(path: Path) -> torch.nn.Module:

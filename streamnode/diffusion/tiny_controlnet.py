@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -22,10 +23,12 @@ from streamnode.config import cache_dir
 
 logger = logging.getLogger(__name__)
 
-TINY_CONTROLNET_FORMAT = 1
+TINY_CONTROLNET_FORMAT = 2
 TINY_CONTROLNET_SEED = 20240101
 OUTPUT_STD = 0.3
 """Std of the randomised output convolutions: residuals of the order of the UNet's own features."""
+MAP_GAIN = 1.5
+"""Init gain of the map embedding's convolutions: a plain white map gives features of std ≈ 1."""
 
 
 def tiny_controlnet_dir() -> Path:
@@ -42,11 +45,16 @@ def random_controlnet(unet: Any, seed: int, *, std: float = OUTPUT_STD) -> Any:
     try:
         torch.manual_seed(seed)
         net = ControlNetModel.from_unet(unet)
-        zero_init = [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]
+        embedding = net.controlnet_cond_embedding
         with torch.no_grad():
-            for conv in zero_init:
+            for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
                 conv.weight.normal_(0.0, std)
                 conv.bias.normal_(0.0, std * 0.1)
+            # The map embedding: a variance-keeping init through its SiLU stack, so the map's
+            # content reaches the residuals (the default init all but erases it at these widths).
+            for conv in [embedding.conv_in, *embedding.blocks, embedding.conv_out]:
+                conv.weight.normal_(0.0, MAP_GAIN / math.sqrt(conv.weight[0].numel()))
+                conv.bias.zero_()
     finally:
         torch.random.set_rng_state(state)
     return net.eval().requires_grad_(False)
