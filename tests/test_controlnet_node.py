@@ -1,0 +1,83 @@
+"""ControlNets through a running node: /controlnet/N/... over real UDP, the model loaded off the
+engine thread, a bad net refused with one line, an external map from shm:// used on the next
+frames and held when its writer goes. Tiny model, CPU, 64×64, a still test picture."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+from support import wait_osc
+from test_regions_node import Latents, node_config, send, wait_until
+
+from streamnode.diffusion.tiny_controlnet import random_controlnet
+from streamnode.frames import Frame
+from streamnode.io.base import TransportOptions, open_sink
+from streamnode.node import Node, build_engine
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def net_folder(tiny_components, tmp_path_factory) -> str:  # noqa: ANN001
+    folder = tmp_path_factory.mktemp("controlnet-node")
+    random_controlnet(tiny_components.unet, 3).save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
+def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+def test_controlnets_over_osc_and_an_external_shm_map(tiny_components, net_folder) -> None:  # noqa: ANN001
+    name = f"sn_cn{os.getpid() % 100000}"
+    surface = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    surface.bind(("127.0.0.1", 0))
+    config = node_config(sinks=["null://"], osc={"enabled": True, "port": 0, "reply_port": surface.getsockname()[1]})
+    node = Node(config, engine_factory=lambda cfg: build_engine(cfg, components=tiny_components))
+    node.start()
+    try:
+        wait_until(lambda: node.status()["state"] == "streaming", what="streaming")
+        engine = node.engine
+        latents = Latents(engine)
+        base = latents.after(2)
+        port = node.osc_port
+
+        # A bad net: one line back, the stream goes on.
+        send(surface, port, "/controlnet/0/model", "/nowhere/controlnet")
+        msg = wait_osc(surface, lambda m: m.address == "/streamnode/error" and "controlnet 0" in str(m.params[0]), 30)
+        assert msg is not None and "no such file" in str(msg.params[0]) and "\n" not in str(msg.params[0])
+        assert maxdiff(latents.after(2), base) <= 1e-5
+
+        # A net with an external map: nothing changes until the first map arrives.
+        send(surface, port, "/controlnet/0/map", f"shm://{name}")
+        send(surface, port, "/controlnet/0/model", net_folder)
+        wait_until(lambda: node.status()["controlnets"].get("0", {}).get("model") == net_folder, what="net loaded")
+        assert maxdiff(latents.after(2), base) <= 1e-5
+        ramp = np.repeat(np.linspace(0, 255, SIZE, dtype=np.uint8)[None, :, None], SIZE, axis=0).repeat(3, axis=2)
+        with open_sink(f"shm://{name}", TransportOptions(width=SIZE, height=SIZE)) as sink:
+            sink.send(Frame(np.ascontiguousarray(ramp), 1, 0))
+            wait_until(lambda: node.status()["control_maps_in"].get("0", 0) >= 1, what="the map read")
+            with_ramp = latents.after(3)
+            assert maxdiff(with_ramp, base) > 1e-2
+            checker = np.kron((np.indices((8, 8)).sum(0) % 2).astype(np.uint8) * 255, np.ones((8, 8), np.uint8))
+            sink.send(Frame(np.ascontiguousarray(np.repeat(checker[:, :, None], 3, axis=2)), 2, 0))
+            wait_until(lambda: node.status()["control_maps_in"].get("0", 0) >= 2, what="the second map read")
+            with_checker = latents.after(3)
+            assert maxdiff(with_checker, with_ramp) > 1e-2
+        # The writer is gone: the last map holds.
+        assert maxdiff(latents.after(3), with_checker) <= 1e-5
+
+        # Scale 0 over OSC: back to the plain stream.
+        send(surface, port, "/controlnet/0/scale", 0.0)
+        wait_until(lambda: node.status()["controlnets"]["0"]["scale"] == 0.0, what="scale 0")
+        latents.after(2)
+        assert maxdiff(latents.after(2), base) <= 1e-5
+        send(surface, port, "/controlnet/0/clear", 1)
+        wait_until(lambda: node.status()["controlnets"] == {}, what="cleared")
+    finally:
+        node.stop()
+        surface.close()
