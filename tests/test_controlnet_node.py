@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 from support import wait_osc
 from test_regions_node import Latents, node_config, send, wait_until
 
+from streamnode.config import load_config
 from streamnode.diffusion.tiny_controlnet import random_controlnet
 from streamnode.frames import Frame
 from streamnode.io.base import TransportOptions, open_sink
@@ -81,3 +83,25 @@ def test_controlnets_over_osc_and_an_external_shm_map(tiny_components, net_folde
     finally:
         node.stop()
         surface.close()
+
+
+def test_controlnet_demo_preset_runs_with_its_nets(tiny_components) -> None:  # noqa: ANN001
+    config = load_config(preset="controlnet-demo", overrides={
+        "stream.width": SIZE, "stream.height": SIZE, "sinks": ["null://"], "osc.enabled": False,
+        "model.accel": "eager", "runtime.max_frames": 3, "runtime.duration": None,
+    })
+    assert [(n.model, n.map) for n in config.controlnets] == [("tiny", "canny"), ("tiny", "luma")]
+    engines: list[Any] = []
+    node = Node(config, engine_factory=lambda cfg: engines.append(build_engine(cfg, components=tiny_components))
+                or engines[-1])
+    assert node.run() == 0
+    assert node.frames_out == 3 and set(node.status()["controlnets"]) == {"0", "1"}
+    # Both nets ran in every UNet call (warm fill included): their residuals reached the stream.
+    assert engines[0].controlnets.stats["controlnet_calls"] == 2 * engines[0].stats["unet_calls"]
+
+
+def test_a_controlnet_that_cannot_be_loaded_fails_the_start_with_the_reason(tiny_components, tmp_path) -> None:  # noqa: ANN001
+    node = Node(node_config(sinks=["null://"], controlnets=[{"model": str(tmp_path / "missing")}]),
+                engine_factory=lambda cfg: build_engine(cfg, components=tiny_components))
+    assert node.run() == 1
+    assert "controlnet 0" in node.status()["error"] and "no such file" in node.status()["error"]
