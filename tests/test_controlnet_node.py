@@ -73,6 +73,12 @@ def test_controlnets_over_osc_and_an_external_shm_map(tiny_components, net_folde
         # The writer is gone: the last map holds.
         assert maxdiff(latents.after(3), with_checker) <= 1e-5
 
+        # A built-in preprocessor: the maps are made on the controlmap:0 thread, frame by frame.
+        send(surface, port, "/controlnet/0/map", "edges-soft")
+        wait_until(lambda: node.status()["control_maps_in"].get("0", 0) >= 3, what="preprocessed maps")
+        assert "controlmap:0" in node.busy_threads()
+        assert maxdiff(latents.after(3), with_checker) > 1e-2
+
         # Scale 0 over OSC: back to the plain stream.
         send(surface, port, "/controlnet/0/scale", 0.0)
         wait_until(lambda: node.status()["controlnets"]["0"]["scale"] == 0.0, what="scale 0")
@@ -92,10 +98,20 @@ def test_controlnet_demo_preset_runs_with_its_nets(tiny_components) -> None:  # 
     })
     assert [(n.model, n.map) for n in config.controlnets] == [("tiny", "canny"), ("tiny", "luma")]
     engines: list[Any] = []
-    node = Node(config, engine_factory=lambda cfg: engines.append(build_engine(cfg, components=tiny_components))
-                or engines[-1])
+    handed: list[tuple[int, bool]] = []
+
+    def factory(cfg):  # noqa: ANN001, ANN202
+        engine = build_engine(cfg, components=tiny_components)
+        own = engine.set_control_map
+        engine.set_control_map = lambda i, image, derived=False: (handed.append((i, derived)), own(i, image, derived=derived))
+        engines.append(engine)
+        return engine
+
+    node = Node(config, engine_factory=factory)
     assert node.run() == 0
     assert node.frames_out == 3 and set(node.status()["controlnets"]) == {"0", "1"}
+    # --no-drop: every frame got both maps from the preprocessor threads, none made on the engine thread.
+    assert handed.count((0, True)) >= 3 and handed.count((1, True)) >= 3
     # Both nets ran in every UNet call (warm fill included): their residuals reached the stream.
     assert engines[0].controlnets.stats["controlnet_calls"] == 2 * engines[0].stats["unet_calls"]
 

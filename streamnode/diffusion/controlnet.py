@@ -212,8 +212,8 @@ class ControlStack:
             slot.net = None
         elif slot.net is None or plan.params.model != old.model:
             slot.net = load_controlnet(plan.params.model, self._components)
-        if plan.params.map != old.map and not is_builtin(plan.params.map):
-            slot.held = None  # a new external source: its own maps only
+        if plan.params.map != old.map:
+            slot.held = None  # a new map source: its own maps only
         slot.params = plan.params
         slot.cached = None
 
@@ -221,8 +221,8 @@ class ControlStack:
         """The map for ControlNet `index` from outside (an external source, or a preprocessor run
         off the engine thread): used for the frames of the next calls until another arrives.
 
-        image: float (3, H, W) / (F, 3, H, W) in [0, 1], or uint8 (H, W, 3) / (H, W) numpy, at the
-        engine's size. Raises ValueError for another size or layout (fit it first)."""
+        image: float (3, H, W) / (F, 3, H, W) in [0, 1], or uint8 (H, W, 3) / (F, H, W, 3) / (H, W)
+        numpy, at the engine's size. Raises ValueError for another size or layout (fit it first)."""
         self._slots[index].held = self._as_map(image)
 
     def _as_map(self, image: Any) -> torch.Tensor:
@@ -231,10 +231,11 @@ class ControlStack:
             if image.dtype != np.uint8:
                 raise ValueError(f"a numpy map is uint8, not {image.dtype}")
             array = image[:, :, None] if image.ndim == 2 else image
-            if array.ndim != 3 or array.shape[:2] != (H, W) or array.shape[2] not in (1, 3, 4):
+            array = array if array.ndim == 4 else array[None]
+            if array.ndim != 4 or array.shape[1:3] != (H, W) or array.shape[3] not in (1, 3, 4):
                 raise ValueError(f"map shape {image.shape}: expected ({H}, {W}, 3) or ({H}, {W}) (fit it first)")
-            tensor = torch.from_numpy(np.ascontiguousarray(array[:, :, :3])).permute(2, 0, 1).float() / 255.0
-            tensor = tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor
+            tensor = torch.from_numpy(np.ascontiguousarray(array[..., :3])).permute(0, 3, 1, 2).float() / 255.0
+            tensor = tensor.expand(-1, 3, -1, -1) if tensor.shape[1] == 1 else tensor
         elif isinstance(image, torch.Tensor):
             tensor = image.float()
             if tensor.ndim == 2:

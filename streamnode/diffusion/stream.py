@@ -579,14 +579,16 @@ class StreamEngine:
         with torch.inference_mode():
             return self._control.plan(*_indexed_fields(edit, "controlnet"))
 
-    def set_control_map(self, index: int, image: Any) -> None:
+    def set_control_map(self, index: int, image: Any, *, derived: bool = False) -> None:
         """The map of ControlNet `index` for the frames of the next calls, until another arrives
         (an external map source, or a preprocessor run off the engine thread). float (3, H, W) /
-        (F, 3, H, W) in [0, 1] or uint8 (H, W[, 3]) numpy at the engine's size. The similarity
-        filter stands aside until the new map has reached the output."""
+        (F, 3, H, W) in [0, 1] or uint8 (H, W[, 3]) / (F, H, W, 3) numpy at the engine's size.
+        The similarity filter stands aside until the new map has reached the output, unless the
+        map is `derived` from the input frame (a preprocessor's): then the frame says it all."""
         with torch.inference_mode():
             self._control.set_map(index, image)
-        self._settle = max(self._settle, self.steps)
+        if not derived:
+            self._settle = max(self._settle, self.steps)
 
     def _encode_texts(self, texts: list[str]) -> torch.Tensor:
         self.stats["text_encodes"] += len(texts)

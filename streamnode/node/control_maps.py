@@ -1,4 +1,12 @@
-"""External ControlNet maps: a reader thread per map source URI, the engine thread takes the newest.
+"""ControlNet maps made off the engine thread: a preprocessor or a reader thread per net.
+
+A ControlNet whose `map` is a built-in preprocessor (canny, luma, edges-soft, passthrough) gets
+a `controlmap:<N>` thread that computes the map of every frame the capture thread puts into the
+ring (`offer`, a one-slot inbox: latest wins), keyed by the frame's sequence number. When the
+engine thread takes a frame it takes that frame's map (`maps_for`), waiting for it at most one
+frame interval: a preprocessor that keeps up adds no latency (it runs while the frame waits in
+the ring and while the engine works on the previous one); one that falls behind gives the
+newest map it has, so the stream never stalls.
 
 A ControlNet whose `map` is a source URI (`shm://td-depth`, `ndi://KinectDepth`, `file://…`)
 gets its map from another program. For each such net the node runs a `controlmap:<N>` thread
@@ -13,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -28,6 +37,30 @@ logger = logging.getLogger(__name__)
 TICK_S = 0.05
 
 Spawn = Callable[[str, Callable[[threading.Event], None], threading.Event], threading.Thread]
+
+
+@dataclass(eq=False)
+class _Preprocessor:
+    params: ControlNetParams
+    stop: threading.Event = field(default_factory=threading.Event)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    inbox: tuple[int, np.ndarray] | None = None
+    done: dict[int, np.ndarray] = field(default_factory=dict)
+    """seq → map (H, W, 3) uint8, the last few frames."""
+    newest: int = -1
+    first: int | None = None
+    """The first frame offered: earlier ones (in the ring before this worker began) never get a map."""
+    maps_in: int = 0
+    thread: threading.Thread | None = None
+
+
+def _map_fields(params: ControlNetParams) -> tuple[str, int, int]:
+    """What a preprocessor's map depends on."""
+    return params.map, params.canny_low, params.canny_high
+
+
+_KEEP = 8
+"""Maps kept per preprocessor: the engine takes frames at most a few behind the newest."""
 
 
 @dataclass(eq=False)
@@ -47,10 +80,28 @@ class ControlMaps:
         self.width, self.height, self.fit = width, height, fit
         self._spawn = spawn
         self._readers: dict[int, _Reader] = {}
+        self._preprocessors: dict[int, _Preprocessor] = {}
 
     def sync(self, nets: Mapping[int, ControlNetParams]) -> None:
-        """Run a reader for every net whose map is a source URI, and only for those."""
-        wanted = {i: p.map for i, p in nets.items() if p.map not in CONTROL_MAP_BUILTINS and p.enabled}
+        """Run a reader for every net whose map is a source URI, a preprocessor for every net
+        whose map is built in, and nothing for the others."""
+        live = {i: p for i, p in nets.items() if p.enabled and p.model and p.scale > 0.0}
+        builtin = {i: p for i, p in live.items() if p.map in CONTROL_MAP_BUILTINS}
+        # Copy on write: the capture thread reads the mapping while this one replaces it.
+        workers = dict(self._preprocessors)
+        for index, worker in list(workers.items()):
+            if index not in builtin:
+                workers.pop(index).stop.set()
+            elif _map_fields(worker.params) != _map_fields(builtin[index]):
+                with worker.cond:
+                    worker.params, worker.done, worker.newest = builtin[index], {}, -1
+        for index, params in builtin.items():
+            if index not in workers:
+                worker = workers[index] = _Preprocessor(params)
+                worker.thread = self._spawn(f"controlmap:{index}", lambda stop, w=worker: self._preprocess(w, stop),
+                                            worker.stop)
+        self._preprocessors = workers
+        wanted = {i: p.map for i, p in live.items() if p.map not in CONTROL_MAP_BUILTINS}
         for index, reader in list(self._readers.items()):
             if wanted.get(index) != reader.uri:
                 self._stop(index)
@@ -59,6 +110,65 @@ class ControlMaps:
                 reader = self._readers[index] = _Reader(uri)
                 reader.thread = self._spawn(f"controlmap:{index}", lambda stop, r=reader: self._read(r, stop),
                                             reader.stop)
+
+    def offer(self, seq: int, image: np.ndarray) -> None:
+        """A frame entering the ring (capture thread): every preprocessor gets a copy (latest wins)."""
+        for worker in list(self._preprocessors.values()):
+            with worker.cond:
+                worker.inbox = (seq, image.copy())
+                worker.first = seq if worker.first is None else worker.first
+                worker.cond.notify_all()
+
+    def maps_for(self, seqs: list[int], timeout: float) -> list[tuple[int, np.ndarray]]:
+        """Each preprocessor's maps of these frames (engine thread), stacked when several; waits
+        up to `timeout` s in all, then takes the newest map for a frame still missing."""
+        out = []
+        deadline = time.monotonic() + timeout
+        for index, worker in list(self._preprocessors.items()):
+            maps = []
+            with worker.cond:
+                for seq in seqs:
+                    offered = worker.first is not None and seq >= worker.first
+                    while offered and seq not in worker.done and worker.newest < seq and not worker.stop.is_set():
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        worker.cond.wait(left)
+                    image = worker.done.get(seq, worker.done.get(worker.newest))
+                    if image is None:
+                        break
+                    maps.append(image)
+            if len(maps) == len(seqs):
+                out.append((index, maps[0] if len(maps) == 1 else np.stack(maps)))
+        return out
+
+    def _preprocess(self, worker: _Preprocessor, stop: threading.Event) -> None:
+        """The preprocessor thread: each frame offered → its map, kept by sequence number."""
+        import torch
+
+        from streamnode.diffusion.control_maps import make_map
+
+        while not stop.is_set():
+            with worker.cond:
+                while worker.inbox is None and not stop.is_set():
+                    worker.cond.wait(TICK_S)
+                if stop.is_set():
+                    return
+                assert worker.inbox is not None
+                (seq, image), worker.inbox = worker.inbox, None
+                params = worker.params
+            with torch.inference_mode():
+                frame = torch.from_numpy(image).permute(2, 0, 1)[None].float().mul_(2.0 / 255.0).sub_(1.0)
+                grey = make_map(params.map, frame, canny_low=params.canny_low, canny_high=params.canny_high)
+                result = grey[0].permute(1, 2, 0).mul(255.0).round_().to(torch.uint8).numpy()
+            with worker.cond:
+                if _map_fields(worker.params) == _map_fields(params):
+                    worker.done[seq] = result
+                    worker.newest = max(worker.newest, seq)
+                    worker.maps_in += 1
+                    for old in [k for k in worker.done if k <= worker.newest - _KEEP]:
+                        del worker.done[old]
+                    worker.cond.notify_all()
 
     def poll(self) -> list[tuple[int, np.ndarray]]:
         """The maps that arrived since the last poll, newest per net."""
@@ -71,7 +181,10 @@ class ControlMaps:
         return out
 
     def status(self) -> dict[str, int]:
-        return {str(i): r.maps_in for i, r in self._readers.items()}
+        """Maps made or read so far, by ControlNet index."""
+        counts = {str(i): r.maps_in for i, r in self._readers.items()}
+        counts.update({str(i): w.maps_in for i, w in self._preprocessors.items()})
+        return counts
 
     def _stop(self, index: int) -> None:
         reader = self._readers.pop(index)
@@ -80,6 +193,9 @@ class ControlMaps:
     def close(self) -> None:
         for index in list(self._readers):
             self._stop(index)
+        workers, self._preprocessors = self._preprocessors, {}
+        for worker in workers.values():
+            worker.stop.set()
 
     def _read(self, reader: _Reader, stop: threading.Event) -> None:
         """The reader thread: source → fitted map → mailbox (latest wins)."""

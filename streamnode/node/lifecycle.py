@@ -146,7 +146,8 @@ class Node:
                 self.fps = self._source.fps or self.fps
                 options = dataclasses.replace(options, fps=self.fps)
                 self._capture = Capture(self._source, self.ring, c.source, width=self.width, height=self.height,
-                                        fps=self.fps, no_drop=self.no_drop, engine_ready=self.engine_ready)
+                                        fps=self.fps, no_drop=self.no_drop, engine_ready=self.engine_ready,
+                                        on_frame=self.control_maps.offer)
             for uri in c.sinks:
                 sink = create_sink(uri, options)
                 sink.open()

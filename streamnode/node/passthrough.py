@@ -99,7 +99,7 @@ class PassThroughEngine:
     def prepare_controlnet(self, edit: Any) -> Any:
         raise ValueError("the passthrough engine has no model: ControlNets need --engine stream")
 
-    def set_control_map(self, index: int, image: np.ndarray) -> None:
+    def set_control_map(self, index: int, image: np.ndarray, *, derived: bool = False) -> None:
         raise ValueError("the passthrough engine has no model: ControlNets need --engine stream")
 
     # -- frames
