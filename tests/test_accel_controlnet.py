@@ -1,0 +1,94 @@
+"""ONNX graphs for ControlNets (accel/controlnet_export.py), checked against onnxruntime: the UNet
+with residual inputs (zeros = no ControlNet), a ControlNet, and an engine whose UNet seam is the
+onnxruntime graph streaming with a ControlNet. Tiny model, CPU, fp32, 64²."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from streamnode.accel.controlnet_export import (  # noqa: E402
+    ControlNetStep,
+    OnnxRuntimeRunner,
+    ResidualUnetCall,
+    UNetWithResiduals,
+    controlnet_inputs,
+    export_controlnet,
+    export_unet_with_residuals,
+    residual_shapes,
+    unet_residual_inputs,
+)
+from streamnode.diffusion.stream import StreamEngine  # noqa: E402
+from streamnode.diffusion.tiny_controlnet import random_controlnet  # noqa: E402
+
+SIZE = 64
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def net(tiny_components):  # noqa: ANN001, ANN201
+    return random_controlnet(tiny_components.unet, 4)
+
+
+@pytest.fixture(scope="module")
+def graphs(tiny_components, net, tmp_path_factory):  # noqa: ANN001, ANN201
+    folder = tmp_path_factory.mktemp("onnx-controlnet")
+    export_unet_with_residuals(tiny_components, folder / "unet.onnx", batch=2, height=SIZE, width=SIZE)
+    export_controlnet(net, tiny_components, folder / "controlnet.onnx", batch=2, height=SIZE, width=SIZE)
+    return folder / "unet.onnx", folder / "controlnet.onnx"
+
+
+def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+def test_residual_shapes_are_what_a_controlnet_gives(tiny_components, net) -> None:  # noqa: ANN001
+    inputs = controlnet_inputs(tiny_components, batch=1, height=SIZE, width=SIZE)
+    with torch.no_grad():
+        outs = ControlNetStep(net, 0)(*inputs)
+    assert [tuple(o.shape[1:]) for o in outs] == residual_shapes(tiny_components.unet.config, SIZE // 8, SIZE // 8)
+
+
+@pytest.mark.parametrize(("batch", "size"), [(2, SIZE), (3, 128)])
+def test_unet_graph_with_residuals_matches_pytorch_and_zeros_are_no_controlnet(tiny_components, graphs, batch, size) -> None:  # noqa: ANN001
+    run = OnnxRuntimeRunner(graphs[0])
+    module = UNetWithResiduals(tiny_components.unet, 0)
+    inputs = unet_residual_inputs(tiny_components, batch=batch, height=size, width=size, seed=3)
+    zeros = unet_residual_inputs(tiny_components, batch=batch, height=size, width=size, seed=3, zeros=True)
+    with torch.no_grad():
+        ref = module(*inputs)
+        plain = tiny_components.unet(*zeros[:2], encoder_hidden_states=zeros[2], return_dict=False)[0]
+    assert maxdiff(run(*inputs), ref) <= TOL
+    assert maxdiff(run(*zeros), plain) <= TOL
+    assert maxdiff(ref, plain) > 1e-2  # the residuals matter
+
+
+def test_controlnet_graph_matches_pytorch(tiny_components, net, graphs) -> None:  # noqa: ANN001
+    run = OnnxRuntimeRunner(graphs[1], outputs="all")
+    inputs = controlnet_inputs(tiny_components, batch=3, height=128, width=128, seed=5)
+    with torch.no_grad():
+        ref = ControlNetStep(net, 0)(*inputs)
+    got = run(*inputs)
+    assert len(got) == len(ref) and all(maxdiff(g, r) <= TOL for g, r in zip(got, ref, strict=True))
+
+
+def test_an_engine_on_the_graph_streams_with_and_without_a_controlnet(tiny_components, net, graphs, tmp_path) -> None:  # noqa: ANN001
+    """One graph serves 0 and 1 nets: the engine on onnxruntime equals the engine on PyTorch."""
+    net.save_pretrained(tmp_path / "net", safe_serialization=True)
+    kw = dict(t_index_list=[20, 45], width=SIZE, height=SIZE, cfg_type="self", similarity_threshold=0.0)
+    eager = StreamEngine.from_components(tiny_components, **kw)
+    onnx_engine = StreamEngine.from_components(tiny_components, **kw)
+    onnx_engine.unet_call = ResidualUnetCall(OnnxRuntimeRunner(graphs[0]), tiny_components.unet.config)
+    g = torch.Generator().manual_seed(0)
+    frame = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=(SIZE, SIZE), mode="bilinear")[0]
+    for engine in (eager, onnx_engine):
+        engine.prepare(prompt="a fox")
+    assert maxdiff(onnx_engine(frame), eager(frame)) <= 1e-3
+    for engine in (eager, onnx_engine):
+        engine.update(controlnet=(0, {"model": str(tmp_path / "net"), "map": "edges-soft"}))
+    with_net = [e(frame) for e in (eager, onnx_engine)]
+    assert maxdiff(with_net[1], with_net[0]) <= 1e-3
+    assert onnx_engine.controlnets.stats["controlnet_calls"] == 1
