@@ -92,6 +92,11 @@ class ModelConfig(_Section):
         description="UNet rows per call a TensorRT engine accepts; default 2·steps·frame_buffer_size, "
         "which covers every cfg mode at the preset's steps or fewer",
     )
+    engine_controlnet: bool = Field(
+        False,
+        description="build the TensorRT UNet with ControlNet residual inputs (one engine serves 0..N nets); "
+        "without it, frames with a ControlNet run the UNet in PyTorch",
+    )
 
     @field_validator("device")
     @classmethod

@@ -92,3 +92,35 @@ def test_an_engine_on_the_graph_streams_with_and_without_a_controlnet(tiny_compo
     with_net = [e(frame) for e in (eager, onnx_engine)]
     assert maxdiff(with_net[1], with_net[0]) <= 1e-3
     assert onnx_engine.controlnets.stats["controlnet_calls"] == 1
+
+
+# -- the TensorRT UNet with residual inputs: shapes and cache keys (the build needs a GPU) ------
+
+
+def test_tensorrt_unet_control_profile_covers_every_residual(tiny_components, graphs) -> None:  # noqa: ANN001
+    import onnx
+
+    from streamnode.accel.profile import profile_for
+    from streamnode.accel.tensorrt import engine_inputs, input_shapes
+
+    profile = profile_for(steps=2, frames=1, width=512, height=384, min_size=256, max_size=1024)
+    shapes = input_shapes("unet_control", profile, text_dim=64, unet_config=tiny_components.unet.config)
+    names = engine_inputs(tiny_components, "unet_control")
+    graph_inputs = [i.name for i in onnx.load(str(graphs[0]), load_external_data=False).graph.input]
+    assert list(shapes) == list(names) == graph_inputs  # the runner binds by these names, in this order
+    config = tiny_components.unet.config
+    for point, (h, w) in enumerate(((32, 32), (48, 64), (128, 128))):  # min, opt, max latent sides
+        batch = shapes["sample"][point][0]
+        expected = [(batch, *s) for s in residual_shapes(config, h, w)]
+        assert [shapes[n][point] for n in names[3:]] == expected
+
+
+def test_tensorrt_unet_control_has_its_own_cache_key(tiny_components) -> None:  # noqa: ANN001
+    from streamnode.accel.profile import profile_for
+    from streamnode.accel.tensorrt import make_key
+
+    profile = profile_for(steps=2, frames=1, width=512, height=512)
+    keys = {c: make_key(tiny_components, c, profile, trt_version="10.13.0", gpu_name="GPU", compute_capability="9.0")
+            for c in ("unet", "unet_control")}
+    assert keys["unet_control"].weights == keys["unet"].weights  # the same UNet weights …
+    assert keys["unet_control"] != keys["unet"]  # … in another engine (more inputs)
