@@ -124,3 +124,39 @@ def test_tensorrt_unet_control_has_its_own_cache_key(tiny_components) -> None:  
             for c in ("unet", "unet_control")}
     assert keys["unet_control"].weights == keys["unet"].weights  # the same UNet weights …
     assert keys["unet_control"] != keys["unet"]  # … in another engine (more inputs)
+
+
+def test_tensorrt_wiring_keeps_controlnet_frames_on_the_unet_control_engine(tiny_components, net, monkeypatch, tmp_path) -> None:  # noqa: ANN001
+    """`_use_tensorrt` with controlnet_inputs, TensorRT stubbed by PyTorch-backed runners (the real
+    ones need a GPU): frames with a ControlNet run on the residual engine, none falls back."""
+    import streamnode.accel.tensorrt as trt_mod
+    from streamnode import accel
+    from streamnode.accel.cache import EngineCache, EngineKey
+    from streamnode.accel.onnx_export import component_module
+
+    cache = EngineCache(tmp_path / "cache")
+    asked: list[tuple[str, ...]] = []
+
+    def fake_ensure(components, profile, *, which, **_kw):  # noqa: ANN001, ANN003, ANN202
+        asked.append(tuple(which))
+        ready = {}
+        for component in which:
+            key = EngineKey(component, components.identity, "w", "", "taesd", profile, "float32", "10.13", "GPU", "9.0")
+            module = (UNetWithResiduals(components.unet, 0) if component == "unet_control"
+                      else component_module(components, component))
+            ready[component] = trt_mod.ReadyEngine(component, module, cache.store(key, b"plan"), True, 0.0)
+        return ready
+
+    monkeypatch.setattr(trt_mod, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(trt_mod, "ensure_engines", fake_ensure)
+    net.save_pretrained(tmp_path / "net", safe_serialization=True)
+    kw = dict(t_index_list=[20, 45], width=SIZE, height=SIZE, cfg_type="self", similarity_threshold=0.0)
+    engine, reference = (StreamEngine.from_components(tiny_components, **kw) for _ in range(2))
+    assert accel.accelerate(engine, "tensorrt", min_size=64, max_size=256, controlnet_inputs=True) == "tensorrt"
+    assert asked == [("unet_control", "vae_encoder", "vae_decoder")]
+    for e in (engine, reference):
+        e.prepare(prompt="a fox")
+        e.update(controlnet=(0, {"model": str(tmp_path / "net"), "map": "luma"}))
+    frame = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    assert maxdiff(engine(frame), reference(frame)) <= 1e-4
+    assert engine.unet_call.fallback_calls == 0 and engine.controlnets.stats["controlnet_calls"] == 2
