@@ -543,11 +543,17 @@ CONTROL_MAP_BUILTINS = ("passthrough", "luma", "edges-soft", "canny")
 """Map sources computed from the input frame with no weights (diffusion/control_maps.py)."""
 
 
+def is_frame_map(source: str) -> bool:
+    """A map made from the input frame (a built-in preprocessor, or a depth model: `depth`,
+    `depth:MODEL`), as opposed to an external map from a source URI."""
+    return source in CONTROL_MAP_BUILTINS or source == "depth" or source.startswith("depth:")
+
+
 def _map_source(v: str) -> str:
-    if v not in CONTROL_MAP_BUILTINS and "://" not in v:
+    if not is_frame_map(v) and "://" not in v:
         raise ValueError(
-            f"must be a built-in preprocessor ({', '.join(CONTROL_MAP_BUILTINS)}) or a source URI "
-            "such as shm://td-depth, ndi://KinectDepth, file://depth.png"
+            f"must be a built-in preprocessor ({', '.join(CONTROL_MAP_BUILTINS)}), depth or depth:MODEL, or a "
+            "source URI such as shm://td-depth, ndi://KinectDepth, file://depth.png"
         )
     return v
 
@@ -563,8 +569,8 @@ class ControlNetParams(_Frozen):
     )
     map: Annotated[str, AfterValidator(_map_source)] = Field(
         "passthrough", max_length=MAX_TEXT, json_schema_extra=osc("/controlnet/N/map"),
-        description="ControlNet N map: a preprocessor of the input frame (passthrough, luma, edges-soft, canny) "
-        "or an external map from a source URI (shm://td-depth, ndi://NAME, file://PATH); the last map holds "
+        description="ControlNet N map: a preprocessor of the input frame (passthrough, luma, edges-soft, canny; "
+        "depth or depth:MODEL, a transformers depth model) or an external map from a source URI (shm://td-depth, ndi://NAME, file://PATH); the last map holds "
         "while it is away.",
     )
     scale: float = Field(

@@ -275,3 +275,48 @@ def test_accelerated_unet_without_residual_inputs_falls_back_for_controlnet_call
     engine.update(controlnet=(0, "clear", None))
     engine(frame)
     assert len(fast_calls) == 2
+
+
+# -- maps that need weights: a depth model through transformers --------------------------------
+
+
+@pytest.fixture(scope="module")
+def depth_folder(tmp_path_factory) -> str:
+    """A tiny random Depth Anything model (a 4-layer DINOv2 backbone) saved as a transformers folder."""
+    from transformers import (
+        DepthAnythingConfig,
+        DepthAnythingForDepthEstimation,
+        Dinov2Config,
+        DPTImageProcessor,
+    )
+
+    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37,
+                            image_size=56, patch_size=14, out_features=["stage1", "stage2", "stage3", "stage4"],
+                            reshape_hidden_states=False)
+    config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, patch_size=14,
+                                 neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_hidden_size=8)
+    folder = tmp_path_factory.mktemp("depth")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        DepthAnythingForDepthEstimation(config).save_pretrained(folder, safe_serialization=True)
+    DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=False, do_pad=False).save_pretrained(folder)
+    return str(folder)
+
+
+def test_depth_maps_come_from_a_depth_model_loaded_on_first_use(components, nets, depth_folder) -> None:
+    image = float_frames(2, seed=11) * 2 - 1
+    depth = make_map(f"depth:{depth_folder}", image)
+    assert depth.shape == (2, 3, SIZE, SIZE)
+    assert float(depth.amin()) == 0.0 and abs(float(depth.amax()) - 1.0) < 1e-5  # normalised per frame
+    with pytest.raises(ValueError, match="depth model /nowhere/depth: cannot load it") as info:
+        make_map("depth:/nowhere/depth", image)
+    assert "\n" not in str(info.value)
+    # The engine never loads a depth model itself: the net waits for its map from outside.
+    engine = make_engine(components, steps=1)
+    engine.update(controlnet=(0, {"model": nets[0], "map": f"depth:{depth_folder}"}))
+    frame = float_frames(1, seed=12)
+    engine(frame)
+    assert engine.controlnets.stats["controlnet_calls"] == 0
+    engine.set_control_map(0, make_map(f"depth:{depth_folder}", frame[None] * 2 - 1)[0])
+    engine(frame)
+    assert engine.controlnets.stats["controlnet_calls"] == 1

@@ -8,6 +8,9 @@ the ControlNet reads, (F, 3, H, W) in [0, 1] (diffusers' ControlNet conditioning
     edges-soft    Sobel gradient magnitude of the luma, |∇Y|·4 clipped to 1 (soft, anti-aliased edges)
     canny         OpenCV's Canny on the luma with live thresholds (binary edges, as the canny nets were trained)
 
+`depth` / `depth:MODEL` needs weights (depth_maps.py): `make_map` loads the model on first use,
+so call it off the engine thread (the node does, on the net's `controlmap:<N>` thread).
+
 The torch ones run on the engine's device; canny runs on the CPU (OpenCV). A map source that is
 not one of these is an external map (`shm://`, `ndi://`, `file://`…): the node reads it from
 that transport and hands it to the engine (docs/controlnet.md).
@@ -57,6 +60,10 @@ def make_map(source: str, image: torch.Tensor, *, canny_low: int = 100, canny_hi
     """The built-in map `source` of `image` ((F, 3, H, W) in [-1, 1]) → (F, 3, H, W) in [0, 1]."""
     if source == "passthrough":
         return ((image + 1.0) * 0.5).clamp_(0.0, 1.0)
+    if source == "depth" or source.startswith("depth:"):
+        from streamnode.diffusion.depth_maps import depth_map
+
+        return depth_map(source, image)
     if source == "luma":
         grey = luma(image)
     elif source == "edges-soft":

@@ -29,7 +29,7 @@ import numpy as np
 
 from streamnode.io.base import Retry, SourceEnded, create_source
 from streamnode.io.fit import Fitter
-from streamnode.live_params import CONTROL_MAP_BUILTINS, ControlNetParams
+from streamnode.live_params import ControlNetParams, is_frame_map
 from streamnode.node.sinks import close_quietly
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ class _Preprocessor:
     """The first frame offered: earlier ones (in the ring before this worker began) never get a map."""
     maps_in: int = 0
     thread: threading.Thread | None = None
+    error: str = ""
+    """Why no map can be made (a depth model that would not load): logged once, retried on a change."""
 
 
 def _map_fields(params: ControlNetParams) -> tuple[str, int, int]:
@@ -86,7 +88,7 @@ class ControlMaps:
         """Run a reader for every net whose map is a source URI, a preprocessor for every net
         whose map is built in, and nothing for the others."""
         live = {i: p for i, p in nets.items() if p.enabled and p.model and p.scale > 0.0}
-        builtin = {i: p for i, p in live.items() if p.map in CONTROL_MAP_BUILTINS}
+        builtin = {i: p for i, p in live.items() if is_frame_map(p.map)}
         # Copy on write: the capture thread reads the mapping while this one replaces it.
         workers = dict(self._preprocessors)
         for index, worker in list(workers.items()):
@@ -94,14 +96,14 @@ class ControlMaps:
                 workers.pop(index).stop.set()
             elif _map_fields(worker.params) != _map_fields(builtin[index]):
                 with worker.cond:
-                    worker.params, worker.done, worker.newest = builtin[index], {}, -1
+                    worker.params, worker.done, worker.newest, worker.error = builtin[index], {}, -1, ""
         for index, params in builtin.items():
             if index not in workers:
                 worker = workers[index] = _Preprocessor(params)
                 worker.thread = self._spawn(f"controlmap:{index}", lambda stop, w=worker: self._preprocess(w, stop),
                                             worker.stop)
         self._preprocessors = workers
-        wanted = {i: p.map for i, p in live.items() if p.map not in CONTROL_MAP_BUILTINS}
+        wanted = {i: p.map for i, p in live.items() if not is_frame_map(p.map)}
         for index, reader in list(self._readers.items()):
             if wanted.get(index) != reader.uri:
                 self._stop(index)
@@ -157,10 +159,17 @@ class ControlMaps:
                 assert worker.inbox is not None
                 (seq, image), worker.inbox = worker.inbox, None
                 params = worker.params
-            with torch.inference_mode():
-                frame = torch.from_numpy(image).permute(2, 0, 1)[None].float().mul_(2.0 / 255.0).sub_(1.0)
-                grey = make_map(params.map, frame, canny_low=params.canny_low, canny_high=params.canny_high)
-                result = grey[0].permute(1, 2, 0).mul(255.0).round_().to(torch.uint8).numpy()
+            if worker.error:
+                continue  # refused until the map fields change (sync clears the error)
+            try:
+                with torch.inference_mode():
+                    frame = torch.from_numpy(image).permute(2, 0, 1)[None].float().mul_(2.0 / 255.0).sub_(1.0)
+                    grey = make_map(params.map, frame, canny_low=params.canny_low, canny_high=params.canny_high)
+                    result = grey[0].permute(1, 2, 0).mul(255.0).round_().to(torch.uint8).numpy()
+            except ValueError as e:  # a depth model that cannot be loaded: one line, no retry per frame
+                worker.error = str(e)
+                logger.warning("controlnet map %s: %s", params.map, e)
+                continue
             with worker.cond:
                 if _map_fields(worker.params) == _map_fields(params):
                     worker.done[seq] = result
@@ -185,6 +194,10 @@ class ControlMaps:
         counts = {str(i): r.maps_in for i, r in self._readers.items()}
         counts.update({str(i): w.maps_in for i, w in self._preprocessors.items()})
         return counts
+
+    def errors(self) -> dict[str, str]:
+        """Why a net gets no map (a depth model that would not load), by ControlNet index."""
+        return {str(i): w.error for i, w in self._preprocessors.items() if w.error}
 
     def _stop(self, index: int) -> None:
         reader = self._readers.pop(index)

@@ -442,6 +442,7 @@ class Node:
             "loras": {str(i): p.model_dump(mode="json") for i, p in live.loras.items()},
             "controlnets": {str(i): p.model_dump(mode="json") for i, p in live.controlnets.items()},
             "control_maps_in": self.control_maps.status(),
+            "control_map_errors": self.control_maps.errors(),
             "size": [self.width, self.height],
             "uptime_s": round(time.monotonic() - self._t_start, 2) if self._t_start else 0.0,
         }
