@@ -126,3 +126,31 @@ def test_a_controlnet_that_cannot_be_loaded_fails_the_start_with_the_reason(tiny
                 engine_factory=lambda cfg: build_engine(cfg, components=tiny_components))
     assert node.run() == 1
     assert "controlnet 0" in node.status()["error"] and "no such file" in node.status()["error"]
+
+
+def test_controlnets_and_their_held_map_survive_a_model_switch(tiny_components, tiny_model_path, net_folder) -> None:  # noqa: ANN001
+    """The new engine gets the nets (loaded again for its UNet) and the external map in force,
+    though the still source sends no more."""
+    from support import tiny_factory
+
+    from streamnode.control.updates import Update
+
+    name = f"sn_cnsw{os.getpid() % 100000}"
+    node = Node(node_config(sinks=["null://"], osc={"enabled": False, "allow_model_switch": True},
+                            controlnets=[{"model": net_folder, "map": f"shm://{name}"}]),
+                engine_factory=tiny_factory(tiny_components))
+    node.start()
+    try:
+        wait_until(lambda: node.status()["state"] == "streaming", what="streaming")
+        first = node.engine
+        ramp = np.repeat(np.linspace(0, 255, SIZE, dtype=np.uint8)[None, :, None], SIZE, axis=0).repeat(3, axis=2)
+        with open_sink(f"shm://{name}", TransportOptions(width=SIZE, height=SIZE)) as sink:
+            sink.send(Frame(np.ascontiguousarray(ramp), 1, 0))
+            wait_until(lambda: first.controlnets.stats["controlnet_calls"] > 0, what="the map in use")
+        node.queue.put(Update("model", str(tiny_model_path), origin="test"))
+        wait_until(lambda: node.engine is not first, timeout=60, what="the switch")
+        second = node.engine
+        assert second.live_params().controlnets == first.live_params().controlnets
+        wait_until(lambda: second.controlnets.stats["controlnet_calls"] > 0, what="the held map on the new engine")
+    finally:
+        node.stop()

@@ -166,6 +166,11 @@ class Applier:
         finally:
             if old is not None:
                 old.close()
+        for index, image in node.control_maps.held():
+            try:
+                new.set_control_map(index, image)  # the external maps in force hold across the switch
+            except Exception as e:  # noqa: BLE001 - a map that no longer fits is reported, never fatal
+                node.set_error(f"controlnet {index} map: {e}")
         logger.info("model switched to %s", job.config.model.id)
 
     # -- LoRAs

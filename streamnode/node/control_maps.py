@@ -71,6 +71,8 @@ class _Reader:
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
     newest: np.ndarray | None = None
+    last: np.ndarray | None = None
+    """The last map handed to the engine (engine thread): a new engine after a model switch gets it too."""
     maps_in: int = 0
     thread: threading.Thread | None = None
 
@@ -186,8 +188,14 @@ class ControlMaps:
             with reader.lock:
                 image, reader.newest = reader.newest, None
             if image is not None:
+                reader.last = image
                 out.append((index, image))
         return out
+
+    def held(self) -> list[tuple[int, np.ndarray]]:
+        """The last external map of every net (engine thread): what a new engine must start from,
+        since a still source sends no more."""
+        return [(i, r.last) for i, r in self._readers.items() if r.last is not None]
 
     def status(self) -> dict[str, int]:
         """Maps made or read so far, by ControlNet index."""
