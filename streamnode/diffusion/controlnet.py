@@ -203,19 +203,16 @@ class ControlStack:
             self._slots.pop(plan.index, None)
             return
         slot = self._slots.get(plan.index)
+        net = plan.net if plan.net is not None else (slot.net if slot is not None else None)
+        if not plan.params.model:
+            net = None
+        elif net is None or (plan.net is None and slot is not None and plan.params.model != slot.params.model):
+            net = load_controlnet(plan.params.model, self._components)  # before anything changes: it may fail
         if slot is None:
             slot = self._slots[plan.index] = _Slot(plan.params)
-        old = slot.params
-        if plan.net is not None:
-            slot.net = plan.net
-        elif not plan.params.model:
-            slot.net = None
-        elif slot.net is None or plan.params.model != old.model:
-            slot.net = load_controlnet(plan.params.model, self._components)
-        if plan.params.map != old.map:
+        if plan.params.map != slot.params.map:
             slot.held = None  # a new map source: its own maps only
-        slot.params = plan.params
-        slot.cached = None
+        slot.params, slot.net, slot.cached = plan.params, net, None
 
     def set_map(self, index: int, image: Any) -> None:
         """The map for ControlNet `index` from outside (an external source, or a preprocessor run
