@@ -220,7 +220,10 @@ class ControlStack:
 
         image: float (3, H, W) / (F, 3, H, W) in [0, 1], or uint8 (H, W, 3) / (F, H, W, 3) / (H, W)
         numpy, at the engine's size. Raises ValueError for another size or layout (fit it first)."""
-        self._slots[index].held = self._as_map(image)
+        slot = self._slots.get(index)
+        if slot is None:
+            raise ValueError(f"controlnet {index} does not exist: give it a model first")
+        slot.held = self._as_map(image)
 
     def _as_map(self, image: Any) -> torch.Tensor:
         H, W = self.height, self.width
