@@ -4,6 +4,8 @@ onnxruntime graph streaming with a ControlNet. Tiny model, CPU, fp32, 64²."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -160,3 +162,61 @@ def test_tensorrt_wiring_keeps_controlnet_frames_on_the_unet_control_engine(tiny
     frame = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     assert maxdiff(engine(frame), reference(frame)) <= 1e-4
     assert engine.unet_call.fallback_calls == 0 and engine.controlnets.stats["controlnet_calls"] == 2
+
+
+# -- OpenVINO: the UNet with residual inputs, compiled when a ControlNet first acts ------------
+
+
+def test_openvino_unet_routes_controlnet_calls_to_the_residual_model() -> None:
+    """OvUnet (stand-in parts): calls without `control` go to the plain UNet, calls with it to the
+    UNet with residual inputs, residuals appended in graph order; each part judges its own shapes."""
+    from streamnode.accel import GuardedCall
+    from streamnode.accel.openvino import OvUnet
+
+    class Part:
+        def __init__(self, name: str, ready: bool) -> None:
+            self.name, self.ready, self.calls = name, ready, []
+
+        def accepts(self, *args):  # noqa: ANN002, ANN202
+            return None if self.ready else f"{self.name} not compiled"
+
+        def __call__(self, *args):  # noqa: ANN002, ANN202
+            self.calls.append(len(args))
+            return torch.full((1,), float(len(args)))
+
+    plain, control = Part("plain", True), Part("control", False)
+    unet = OvUnet(plain, control)  # type: ignore[arg-type]
+    guard = GuardedCall("unet_call", "openvino", unet, lambda *a, **k: torch.zeros(1), accepts=unet.accepts)
+    x, t, e = torch.zeros(1, 4, 8, 8), torch.zeros(1), torch.zeros(1, 77, 64)
+    residuals = ((torch.zeros(1), torch.zeros(1), torch.zeros(1)), torch.zeros(1))
+    assert float(guard(x, t, e)[0]) == 3.0 and plain.calls == [3]
+    assert float(guard(x, t, e, control=residuals)[0]) == 0.0 and guard.fallback_calls == 1  # not compiled yet
+    control.ready = True
+    assert float(guard(x, t, e, control=residuals)[0]) == 7.0 and control.calls == [7]  # 3 + 3 down + mid
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("STREAMNODE_RUN_SLOW"),
+                    reason="compiles two tiny UNets and two VAEs in OpenVINO (~40 s here); set STREAMNODE_RUN_SLOW=1")
+def test_openvino_keeps_controlnet_frames_in_openvino_once_compiled(tiny_components, net, tmp_path) -> None:  # noqa: ANN001
+    pytest.importorskip("openvino")
+    from streamnode import accel
+    from streamnode.accel.cache import EngineCache
+
+    net.save_pretrained(tmp_path / "net", safe_serialization=True)
+    kw = dict(t_index_list=[20, 45], width=SIZE, height=SIZE, cfg_type="self", similarity_threshold=0.0)
+    engine, reference = (StreamEngine.from_components(tiny_components, **kw) for _ in range(2))
+    assert accel.accelerate(engine, "openvino", openvino_precision="fp32", threads=1,
+                            cache=EngineCache(tmp_path / "cache")) == "openvino"
+    for e in (engine, reference):
+        e.prepare(prompt="a fox")
+        e.update(controlnet=(0, {"model": str(tmp_path / "net"), "map": "luma"}))
+    frame = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    guard = engine.unet_call
+    first = engine(frame)  # the residual UNet is compiled in the background: these calls run in PyTorch
+    assert guard.fallback_calls == 2 and guard.broken is None
+    assert guard.fast.control.compiler.wait(120)
+    again = engine(frame)
+    assert guard.fallback_calls == 2  # now in OpenVINO, residuals and all
+    ref = [reference(frame) for _ in range(2)]
+    assert maxdiff(first, ref[0]) <= 1e-4 and maxdiff(again, ref[1]) <= 1e-3

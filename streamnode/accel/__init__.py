@@ -552,7 +552,7 @@ def restore(engine: Any) -> None:
 def describe_seams(engine: Any) -> dict[str, dict[str, Any]]:
     """Per seam: backend, run-time state, PyTorch fallback calls, compile seconds (for stats and bench)."""
     from streamnode.accel.compile import CompiledCall, CudaGraphCall
-    from streamnode.accel.openvino import OvComponent
+    from streamnode.accel.openvino import OvComponent, OvUnet
 
     out: dict[str, dict[str, Any]] = {}
     from streamnode.accel.onnx_export import PositionalUnetCall
@@ -565,6 +565,7 @@ def describe_seams(engine: Any) -> dict[str, dict[str, Any]]:
         info: dict[str, Any] = {"backend": fn.backend, "broken": fn.broken, "fallback_calls": fn.fallback_calls}
         fast = fn.fast.fn if isinstance(fn.fast, PositionalUnetCall) else fn.fast
         inner = fast.fn if isinstance(fast, CudaGraphCall) else fast
+        inner = inner.plain if isinstance(inner, OvUnet) else inner
         if isinstance(inner, CompiledCall):
             info["compile_seconds"] = round(sum(inner.compile_seconds.values()), 2)
         if isinstance(inner, OvComponent):

@@ -65,6 +65,8 @@ class GuardedCall:
             return "a ControlNet is active and this UNet has no residual inputs"
         if self.accepts is None:
             return None
+        if getattr(self.fast, "takes_control", False):
+            return self.accepts(*args, **kwargs)  # its own acceptor judges the residuals too
         return self.accepts(*args, **{k: v for k, v in kwargs.items() if k != "control"})
 
     def stop_fast(self, reason: str) -> None:
