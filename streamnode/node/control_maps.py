@@ -44,7 +44,11 @@ class _Preprocessor:
     params: ControlNetParams
     stop: threading.Event = field(default_factory=threading.Event)
     cond: threading.Condition = field(default_factory=threading.Condition)
-    inbox: tuple[int, np.ndarray] | None = None
+    inbox_seq: int | None = None
+    """The sequence number of the frame waiting in `inbox` (None: none waits)."""
+    inbox: np.ndarray | None = None
+    work: np.ndarray | None = None
+    """Two preallocated frames: capture copies into `inbox`, the worker swaps it with `work`."""
     done: dict[int, np.ndarray] = field(default_factory=dict)
     """seq → map (H, W, 3) uint8, the last few frames."""
     newest: int = -1
@@ -119,7 +123,10 @@ class ControlMaps:
         """A frame entering the ring (capture thread): every preprocessor gets a copy (latest wins)."""
         for worker in list(self._preprocessors.values()):
             with worker.cond:
-                worker.inbox = (seq, image.copy())
+                if worker.inbox is None or worker.inbox.shape != image.shape:
+                    worker.inbox, worker.work = np.empty_like(image), np.empty_like(image)
+                np.copyto(worker.inbox, image)
+                worker.inbox_seq = seq
                 worker.first = seq if worker.first is None else worker.first
                 worker.cond.notify_all()
 
@@ -154,13 +161,13 @@ class ControlMaps:
 
         while not stop.is_set():
             with worker.cond:
-                while worker.inbox is None and not stop.is_set():
+                while worker.inbox_seq is None and not stop.is_set():
                     worker.cond.wait(TICK_S)
                 if stop.is_set():
                     return
-                assert worker.inbox is not None
-                (seq, image), worker.inbox = worker.inbox, None
-                params = worker.params
+                seq, worker.inbox_seq = worker.inbox_seq, None
+                worker.inbox, worker.work = worker.work, worker.inbox
+                image, params = worker.work, worker.params
             if worker.error:
                 continue  # refused until the map fields change (sync clears the error)
             try:
