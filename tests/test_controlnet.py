@@ -104,7 +104,7 @@ def test_stream_with_controlnets_equals_reference_and_each_frame_keeps_its_map(
         assert maxdiff(streamed[j + steps - 1], latents[-1]) <= TOL
 
 
-@pytest.mark.parametrize(("steps", "frames", "cfg"), [(2, 1, "self"), (2, 2, "full"), (4, 1, "initialize")])
+@pytest.mark.parametrize(("steps", "frames", "cfg"), [(2, 2, "full"), (4, 1, "initialize")])
 def test_stream_with_controlnets_and_brushes_equals_reference(components, nets, steps, frames, cfg) -> None:
     engine = make_engine(components, steps=steps, frames=frames, cfg=cfg)
     engine.update(controlnet=(0, {"model": nets[0], "map": "passthrough"}))
