@@ -79,6 +79,12 @@ def test_controlnets_over_osc_and_an_external_shm_map(tiny_components, net_folde
         assert "controlmap:0" in node.busy_threads()
         assert maxdiff(latents.after(3), with_checker) > 1e-2
 
+        # A map source nobody can open (an unknown scheme): one line in the status, the stream goes on.
+        send(surface, port, "/controlnet/0/map", "nosuch://map")
+        wait_until(lambda: "nosuch" in node.status()["control_map_errors"].get("0", ""), what="source refused")
+        latents.after(2)
+        assert node.status()["state"] == "streaming"
+
         # A depth model that cannot be loaded: one line in the status, the stream goes on.
         send(surface, port, "/controlnet/0/map", "depth:/nowhere/depth")
         wait_until(lambda: "cannot load" in node.status()["control_map_errors"].get("0", ""), what="depth refused")

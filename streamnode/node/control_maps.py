@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -89,6 +90,8 @@ class ControlMaps:
         self._spawn = spawn
         self._readers: dict[int, _Reader] = {}
         self._preprocessors: dict[int, _Preprocessor] = {}
+        self._refused: dict[int, str] = {}
+        self._errors: dict[int, str] = {}
 
     def sync(self, nets: Mapping[int, ControlNetParams]) -> None:
         """Run a reader for every net whose map is a source URI, a preprocessor for every net
@@ -114,10 +117,24 @@ class ControlMaps:
             if wanted.get(index) != reader.uri:
                 self._stop(index)
         for index, uri in wanted.items():
-            if index not in self._readers:
-                reader = self._readers[index] = _Reader(uri)
-                reader.thread = self._spawn(f"controlmap:{index}", lambda stop, r=reader: self._read(r, stop),
-                                            reader.stop)
+            if index in self._readers or self._refused.get(index) == uri:
+                continue
+            try:
+                source = create_source(uri)  # an unknown scheme or a bad URI: refused here, once
+            except Exception as e:  # noqa: BLE001 - a bad map source is reported, never fatal
+                self._refused[index] = uri
+                self._errors[index] = f"{uri}: {e}"
+                logger.warning("controlnet %d map %s: %s", index, uri, e)
+                continue
+            self._refused.pop(index, None)
+            self._errors.pop(index, None)
+            reader = self._readers[index] = _Reader(uri)
+            reader.thread = self._spawn(f"controlmap:{index}", lambda stop, r=reader, s=source: self._read(r, s, stop),
+                                        reader.stop)
+        for index in list(self._errors):
+            if index not in wanted and index not in builtin:
+                self._errors.pop(index)
+                self._refused.pop(index, None)
 
     def offer(self, seq: int, image: np.ndarray) -> None:
         """A frame entering the ring (capture thread): every preprocessor gets a copy (latest wins)."""
@@ -175,9 +192,9 @@ class ControlMaps:
                     frame = torch.from_numpy(image).permute(2, 0, 1)[None].float().mul_(2.0 / 255.0).sub_(1.0)
                     grey = make_map(params.map, frame, canny_low=params.canny_low, canny_high=params.canny_high)
                     result = grey[0].permute(1, 2, 0).mul(255.0).round_().to(torch.uint8).numpy()
-            except ValueError as e:  # a depth model that cannot be loaded: one line, no retry per frame
-                worker.error = str(e)
-                logger.warning("controlnet map %s: %s", params.map, e)
+            except Exception as e:  # noqa: BLE001 - a depth model that cannot load: one line, no retry per frame
+                worker.error = str(e) or type(e).__name__
+                logger.warning("controlnet map %s: %s", params.map, worker.error)
                 continue
             with worker.cond:
                 if _map_fields(worker.params) == _map_fields(params):
@@ -212,7 +229,9 @@ class ControlMaps:
 
     def errors(self) -> dict[str, str]:
         """Why a net gets no map (a depth model that would not load), by ControlNet index."""
-        return {str(i): w.error for i, w in self._preprocessors.items() if w.error}
+        errors = {str(i): e for i, e in self._errors.items()}
+        errors.update({str(i): w.error for i, w in self._preprocessors.items() if w.error})
+        return errors
 
     def _stop(self, index: int) -> None:
         reader = self._readers.pop(index)
@@ -225,9 +244,8 @@ class ControlMaps:
         for worker in workers.values():
             worker.stop.set()
 
-    def _read(self, reader: _Reader, stop: threading.Event) -> None:
+    def _read(self, reader: _Reader, source: Any, stop: threading.Event) -> None:
         """The reader thread: source → fitted map → mailbox (latest wins)."""
-        source = create_source(reader.uri)
         fit = Fitter(self.width, self.height, self.fit)  # type: ignore[arg-type]
         retry = Retry(f"controlnet map {reader.uri}", log=logger)
         is_open = False
