@@ -320,3 +320,15 @@ def test_depth_maps_come_from_a_depth_model_loaded_on_first_use(components, nets
     engine.set_control_map(0, make_map(f"depth:{depth_folder}", frame[None] * 2 - 1)[0])
     engine(frame)
     assert engine.controlnets.stats["controlnet_calls"] == 1
+
+
+def test_a_safetensors_file_beside_its_config_loads_like_its_folder(components, nets) -> None:
+    frame = float_frames(1, seed=13)
+    outs = []
+    for model in (nets[0], str(Path(nets[0]) / "diffusion_pytorch_model.safetensors")):
+        engine = make_engine(components, steps=1)
+        latents = record_latents(engine)
+        engine.update(controlnet=(0, {"model": model, "map": "luma"}))
+        engine(frame)
+        outs.append(latents[-1])
+    assert maxdiff(outs[0], outs[1]) <= TOL
