@@ -234,15 +234,23 @@ class ControlMaps:
         return errors
 
     def _stop(self, index: int) -> None:
-        reader = self._readers.pop(index)
-        reader.stop.set()
+        reader = self._readers.pop(index, None)  # the engine thread and stop() may both close
+        if reader is not None:
+            reader.stop.set()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 0.5) -> None:
+        """Stop every reader and preprocessor and wait up to `timeout` s for their threads. Safe twice."""
+        threads = [r.thread for r in self._readers.values()]
         for index in list(self._readers):
             self._stop(index)
         workers, self._preprocessors = self._preprocessors, {}
         for worker in workers.values():
             worker.stop.set()
+            threads.append(worker.thread)
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def _read(self, reader: _Reader, source: Any, stop: threading.Event) -> None:
         """The reader thread: source → fitted map → mailbox (latest wins)."""

@@ -232,7 +232,7 @@ class Node:
         self.loader.close(min(0.1, left(0.2)))
         self.lora_loader.close(min(0.1, left(0.2)))
         self.controlnet_loader.close(min(0.1, left(0.2)))
-        self.control_maps.close()
+        self.control_maps.close(min(0.5, left(0.3)))
         self.outputs.end()  # the engine thread does this too when it exits normally
         for slot in self.outputs.slots:
             if slot.thread is not None:
