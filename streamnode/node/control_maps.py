@@ -240,7 +240,7 @@ class ControlMaps:
 
     def close(self, timeout: float = 0.5) -> None:
         """Stop every reader and preprocessor and wait up to `timeout` s for their threads. Safe twice."""
-        threads = [r.thread for r in self._readers.values()]
+        threads = [r.thread for r in list(self._readers.values())]
         for index in list(self._readers):
             self._stop(index)
         workers, self._preprocessors = self._preprocessors, {}
