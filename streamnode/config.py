@@ -15,7 +15,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from streamnode.live_params import MAX_BRUSHES, MAX_LORAS, BrushParams, LiveParams, LoraParams, explain
+from streamnode.live_params import (
+    MAX_BRUSHES,
+    MAX_CONTROLNETS,
+    MAX_LORAS,
+    BrushParams,
+    ControlNetParams,
+    LiveParams,
+    LoraParams,
+    explain,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -82,6 +91,11 @@ class ModelConfig(_Section):
         le=256,
         description="UNet rows per call a TensorRT engine accepts; default 2·steps·frame_buffer_size, "
         "which covers every cfg mode at the preset's steps or fewer",
+    )
+    engine_controlnet: bool = Field(
+        False,
+        description="build the TensorRT UNet with ControlNet residual inputs (one engine serves 0..N nets); "
+        "without it, frames with a ControlNet run the UNet in PyTorch",
     )
 
     @field_validator("device")
@@ -226,6 +240,10 @@ class LoraConfig(LoraParams):
     """One `[[loras]]` entry of a preset: a LoRA's live fields (live_params.LoraParams)."""
 
 
+class ControlNetConfig(ControlNetParams):
+    """One `[[controlnets]]` entry of a preset: a ControlNet's live fields (live_params.ControlNetParams)."""
+
+
 class RuntimeConfig(_Section):
     no_drop: bool = Field(False, description="process every frame in order (offline renders)")
     duration: float | None = Field(None, gt=0.0, description="stop after this many seconds")
@@ -243,6 +261,9 @@ class RuntimeConfig(_Section):
     log_file_backups: int = Field(3, ge=0, le=100, description="rotated log files kept (FILE.1 … FILE.N)")
     max_brushes: int = Field(8, ge=0, le=MAX_BRUSHES)
     max_loras: int = Field(8, ge=0, le=MAX_LORAS, description="LoRA indices /lora/0 .. /lora/(max_loras−1)")
+    max_controlnets: int = Field(
+        4, ge=0, le=MAX_CONTROLNETS, description="ControlNet indices /controlnet/0 .. /controlnet/(max_controlnets−1)"
+    )
     engine: Literal["stream", "passthrough"] = Field(
         "stream", description="stream: the diffusion engine; passthrough: input resized to the output (tests, benchmarks)"
     )
@@ -258,6 +279,7 @@ class NodeConfig(_Section):
     runtime: RuntimeConfig = RuntimeConfig()
     brushes: list[BrushConfig] = Field(default_factory=list)
     loras: list[LoraConfig] = Field(default_factory=list)
+    controlnets: list[ControlNetConfig] = Field(default_factory=list)
 
     @field_validator("sinks")
     @classmethod
@@ -273,6 +295,10 @@ class NodeConfig(_Section):
             raise ValueError(f"{len(self.brushes)} brushes given, runtime.max_brushes is {self.runtime.max_brushes}")
         if len(self.loras) > self.runtime.max_loras:
             raise ValueError(f"{len(self.loras)} LoRAs given, runtime.max_loras is {self.runtime.max_loras}")
+        if len(self.controlnets) > self.runtime.max_controlnets:
+            raise ValueError(
+                f"{len(self.controlnets)} ControlNets given, runtime.max_controlnets is {self.runtime.max_controlnets}"
+            )
         return self
 
 

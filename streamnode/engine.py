@@ -18,6 +18,9 @@ Contract, for every implementation:
 - LoRA edits (`update(lora=(index, field, value))`) may have heavy work (reading a file, merging
   weights): `lora_heavy(edit)` says so, and `prepare_lora(edit)` does that work on any thread
   without changing the engine; `update(lora=plan)` then commits it between frames.
+- ControlNet edits (`update(controlnet=(index, field, value))`) likewise: `controlnet_heavy(edit)`
+  (a model to load), `prepare_controlnet(edit)` on any thread, `update(controlnet=plan)`;
+  `set_control_map(index, image)` hands a net the map of the next frames (an external source).
 """
 
 from __future__ import annotations
@@ -57,5 +60,11 @@ class Engine(Protocol):
     def lora_heavy(self, edit: Any) -> bool: ...
 
     def prepare_lora(self, edit: Any) -> Any: ...
+
+    def controlnet_heavy(self, edit: Any) -> bool: ...
+
+    def prepare_controlnet(self, edit: Any) -> Any: ...
+
+    def set_control_map(self, index: int, image: np.ndarray, *, derived: bool = False) -> None: ...
 
     def close(self) -> None: ...

@@ -52,6 +52,8 @@ MAX_BRUSHES = 32
 """Upper bound of `runtime.max_brushes`."""
 MAX_LORAS = 16
 """Upper bound of `runtime.max_loras`."""
+MAX_CONTROLNETS = 8
+"""Upper bound of `runtime.max_controlnets`."""
 MAX_SEED = 2**32 - 1
 
 
@@ -537,6 +539,77 @@ class LoraParams(_Frozen):
         return v
 
 
+CONTROL_MAP_BUILTINS = ("passthrough", "luma", "edges-soft", "canny")
+"""Map sources computed from the input frame with no weights (diffusion/control_maps.py)."""
+
+
+def is_frame_map(source: str) -> bool:
+    """A map made from the input frame (a built-in preprocessor, or a depth model: `depth`,
+    `depth:MODEL`), as opposed to an external map from a source URI."""
+    return source in CONTROL_MAP_BUILTINS or source == "depth" or source.startswith("depth:")
+
+
+def _map_source(v: str) -> str:
+    if not is_frame_map(v) and "://" not in v:
+        raise ValueError(
+            f"must be a built-in preprocessor ({', '.join(CONTROL_MAP_BUILTINS)}), depth or depth:MODEL, or a "
+            "source URI such as shm://td-depth, ndi://KinectDepth, file://depth.png"
+        )
+    return v
+
+
+class ControlNetParams(_Frozen):
+    """One ControlNet (docs/controlnet.md); OSC `/controlnet/N/<name>`. A ControlNet without a
+    model does nothing until one arrives; its weights are loaded off the engine thread."""
+
+    model: str = Field(
+        "", max_length=MAX_TEXT, json_schema_extra=osc("/controlnet/N/model"),
+        description="ControlNet N weights: a folder or .safetensors file, a hub id, or tiny; loaded off the "
+        "engine thread, the stream goes on meanwhile. Empty: none.",
+    )
+    map: Annotated[str, AfterValidator(_map_source)] = Field(
+        "passthrough", max_length=MAX_TEXT, json_schema_extra=osc("/controlnet/N/map"),
+        description="ControlNet N map: a preprocessor of the input frame (passthrough, luma, edges-soft, canny; "
+        "depth or depth:MODEL, a transformers depth model) or an external map from a source URI (shm://td-depth, ndi://NAME, file://PATH); the last map holds "
+        "while it is away.",
+    )
+    scale: float = Field(
+        1.0, ge=0.0, le=2.0, json_schema_extra=osc("/controlnet/N/scale"),
+        description="ControlNet N conditioning scale (0 = off: the net is not evaluated).",
+    )
+    start: float = Field(
+        0.0, ge=0.0, le=1.0, json_schema_extra=osc("/controlnet/N/start"),
+        description="ControlNet N guidance start: the first stage it acts on, as a fraction of the stages.",
+    )
+    end: float = Field(
+        1.0, ge=0.0, le=1.0, json_schema_extra=osc("/controlnet/N/end"),
+        description="ControlNet N guidance end: stage k (of T) is guided when start ≤ k/T and (k+1)/T ≤ end.",
+    )
+    canny_low: int = Field(
+        100, ge=0, le=255, json_schema_extra=osc("/controlnet/N/canny_low"),
+        description="ControlNet N canny map: lower hysteresis threshold.",
+    )
+    canny_high: int = Field(
+        200, ge=0, le=255, json_schema_extra=osc("/controlnet/N/canny_high"),
+        description="ControlNet N canny map: upper hysteresis threshold.",
+    )
+    reuse: int = Field(
+        1, ge=1, le=60, json_schema_extra=osc("/controlnet/N/reuse"),
+        description="ControlNet N residuals are computed every N frames and reused in between (1 = every frame).",
+    )
+    enabled: bool = Field(
+        True, json_schema_extra=osc("/controlnet/N/enabled"),
+        description="ControlNet N on (1) or off (0), keeping its model and scale.",
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _safetensors_only(cls, v: str) -> str:
+        if v.lower().endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")):
+            raise ValueError("ControlNet weights are read from .safetensors only (pickle files can run code)")
+        return v
+
+
 MASK_SOURCES = ("mask", "rect", "circle", "shm")
 """The BrushParams fields that give a brush its mask: one at a time, the newest wins."""
 
@@ -561,6 +634,7 @@ TRIGGERS = (
     Trigger("status", "/status", "Ask for a full status reply (state, counters, every current value)."),
     Trigger("clear", "/brush/N/clear", "Remove brush N."),
     Trigger("clear", "/lora/N/clear", "Remove LoRA N."),
+    Trigger("clear", "/controlnet/N/clear", "Remove ControlNet N."),
 )
 
 
@@ -582,6 +656,7 @@ class IndexedGroup:
 GROUPS: tuple[IndexedGroup, ...] = (
     IndexedGroup("brush", BrushParams, "max_brushes"),
     IndexedGroup("lora", LoraParams, "max_loras"),
+    IndexedGroup("controlnet", ControlNetParams, "max_controlnets"),
 )
 """The indexed groups of the schema; OSC, OSCQuery, docs and the TouchDesigner page expand them."""
 
@@ -631,6 +706,8 @@ class LiveState:
     node: NodeParams = field(default_factory=NodeParams)
     loras: Mapping[int, LoraParams] = field(default_factory=dict)
     """The LoRA stack in force (diffusion/lora.py), by index."""
+    controlnets: Mapping[int, ControlNetParams] = field(default_factory=dict)
+    """The ControlNets in force (diffusion/controlnet.py), by index."""
 
     def group(self, name: str) -> Mapping[int, Any]:
         """The params in force of an indexed group (`GROUPS`) by index: brushes' BrushParams, LoRAs'."""
@@ -638,6 +715,8 @@ class LiveState:
             return {i: self.brushes[i].params for i in self.brush_order if i in self.brushes}
         if name == "lora":
             return self.loras
+        if name == "controlnet":
+            return self.controlnets
         raise KeyError(name)
 
     def replace(self, **changes: Any) -> LiveState:

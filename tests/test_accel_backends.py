@@ -303,7 +303,7 @@ def test_accelerate_with_config_passes_the_model_section(engine, monkeypatch) ->
     assert accel.accelerate_with_config(engine, model) == "eager"
     assert seen == {"mode": "tensorrt", "allow_build": False, "progress": None, "min_size": 256,
                     "max_size": 768, "max_batch": None, "openvino_device": None, "openvino_precision": "auto",
-                    "threads": node_cpu_threads()}
+                    "threads": node_cpu_threads(), "controlnet_inputs": False}
     model = load_config(sets=["model.accel=openvino", "model.device=GPU.1", "model.openvino_precision=fp16",
                               "model.cpu_threads=3"]).model
     accel.accelerate_with_config(engine, model)

@@ -17,7 +17,15 @@ from support import small_config, tiny_factory, wait_for, wait_osc
 from streamnode.config import OscConfig
 from streamnode.control.osc import ADDRESSES, OscServer, value_at
 from streamnode.control.updates import ControlQueue, Update
-from streamnode.live_params import BrushParams, LiveParams, LiveState, LoraParams, NodeParams, validated
+from streamnode.live_params import (
+    BrushParams,
+    ControlNetParams,
+    LiveParams,
+    LiveState,
+    LoraParams,
+    NodeParams,
+    validated,
+)
 from streamnode.node import Node
 
 FUZZ = settings(max_examples=1500, deadline=None, database=None,
@@ -88,10 +96,10 @@ def assert_valid(update: Update) -> None:
     """Whatever passed the OSC checks must be a value the schema itself accepts."""
     if update.key in LiveParams.model_fields:
         LiveParams().apply({update.key: update.value})
-    elif update.key in ("brush", "lora"):
+    elif update.key in ("brush", "lora", "controlnet"):
         n, field, value = update.value
         assert 0 <= n < 8
-        schema = BrushParams if update.key == "brush" else LoraParams
+        schema = {"brush": BrushParams, "lora": LoraParams, "controlnet": ControlNetParams}[update.key]
         if field in schema.model_fields:
             validated(schema, {field: value})
         else:
@@ -179,7 +187,7 @@ def test_well_formed_values_in_range_are_accepted() -> None:
     @given(data=st.data())
     def run(data: st.DataObject) -> None:
         param = data.draw(st.sampled_from([p for p in ADDRESSES if p.kind == "value" and p.key not in
-                                           ("preset", "model") and p.field not in ("mask", "shm")]))
+                                           ("preset", "model") and p.field not in ("mask", "shm", "map")]))
         lo, hi = param.repeat
         groups = data.draw(st.integers(lo, min(hi, 3)))
         args: list[tuple[str, Any]] = []

@@ -43,7 +43,7 @@ def node(components):  # noqa: ANN001, ANN201
     surface = Surface()
     running = Node(small_config(**{"osc.enabled": True, "osc.port": 0, "osc.oscquery_port": 0, "osc.prefix": "/vj1",
                                    "osc.reply_port": surface.port, "runtime.max_brushes": 2,
-                                   "runtime.max_loras": 2}),
+                                   "runtime.max_loras": 2, "runtime.max_controlnets": 2}),
                    engine_factory=tiny_factory(components))
     running.start()
     wait_for(lambda: running.status()["state"] == "streaming", timeout=60, what="streaming")
@@ -119,9 +119,9 @@ def check_host_info(info: dict[str, Any]) -> None:
     assert all(isinstance(k, str) and isinstance(v, bool) for k, v in info["EXTENSIONS"].items())
 
 
-def expected_methods(max_brushes: int, prefix: str, max_loras: int = 2) -> set[str]:
-    """Every method, each indexed group expanded to all its slots (brushes, LoRAs)."""
-    slots = {"brush": max_brushes, "lora": max_loras}
+def expected_methods(max_brushes: int, prefix: str, max_loras: int = 2, max_controlnets: int = 2) -> set[str]:
+    """Every method, each indexed group expanded to all its slots (brushes, LoRAs, ControlNets)."""
+    slots = {"brush": max_brushes, "lora": max_loras, "controlnet": max_controlnets}
     return {prefix + param_address(p, n) for p in ADDRESSES for n in (range(slots[p.group]) if p.group else [None])}
 
 

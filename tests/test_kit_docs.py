@@ -139,12 +139,12 @@ def valid_address(token: str) -> bool:
             token = token[len(prefix):]
     inputs = {p.address for p in ADDRESSES}
     outputs = {a for a, _, _ in OUT_ADDRESSES}
-    indexed = re.sub(r"^/(brush|lora)/\d+/", r"/\1/N/", token)  # the indexed groups: /brush/0/prompt
+    indexed = re.sub(r"^/(brush|lora|controlnet)/\d+/", r"/\1/N/", token)  # the indexed groups: /brush/0/prompt
     if token in inputs or indexed in inputs or token in outputs:
         return True
     applied = "/streamnode/applied"
     if token.startswith(applied + "/"):
-        rest = re.sub(r"^/(brush|lora)/\d+/", r"/\1/N/", token[len(applied):])
+        rest = re.sub(r"^/(brush|lora|controlnet)/\d+/", r"/\1/N/", token[len(applied):])
         return rest in inputs or rest == "/<address>"
     return False
 

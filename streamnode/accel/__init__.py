@@ -230,7 +230,8 @@ def _use_compile(engine: Any, originals: dict[str, Callable[..., Any]], opts: di
 def _use_tensorrt(engine: Any, originals: dict[str, Callable[..., Any]], opts: dict[str, Any]) -> dict[str, GuardedCall]:
     import torch
 
-    from streamnode.accel.cache import EngineCacheError
+    from streamnode.accel.cache import COMPONENTS, CONTROL_UNET, EngineCacheError
+    from streamnode.accel.controlnet_export import ResidualUnetCall
     from streamnode.accel.onnx_export import PositionalUnetCall
     from streamnode.accel.profile import profile_for_engine
     from streamnode.accel.tensorrt import (
@@ -258,7 +259,8 @@ def _use_tensorrt(engine: Any, originals: dict[str, Callable[..., Any]], opts: d
         raise BackendFailed(why)
     try:
         ready = ensure_engines(
-            components, profile, cache=opts.get("cache"), allow_build=opts["allow_build"], progress=opts.get("progress")
+            components, profile, cache=opts.get("cache"), allow_build=opts["allow_build"], progress=opts.get("progress"),
+            which=(CONTROL_UNET, *COMPONENTS[1:]) if opts.get("controlnet_inputs") else COMPONENTS,
         )
     except EngineCacheError:
         raise BackendFailed(
@@ -277,13 +279,17 @@ def _use_tensorrt(engine: Any, originals: dict[str, Callable[..., Any]], opts: d
     except Exception as e:  # noqa: BLE001 - export/parse errors of many types; one line for the user
         raise BackendFailed(f"TensorRT setup failed ({type(e).__name__}: {_first_line(e)})") from None
 
-    runners = {"unet_call": PositionalUnetCall(ready["unet"].runner), "vae_encode": ready["vae_encoder"].runner,
+    unet = CONTROL_UNET if opts.get("controlnet_inputs") else "unet"
+    unet_call = (ResidualUnetCall(ready[unet].runner, components.unet.config) if unet == CONTROL_UNET
+                 else PositionalUnetCall(ready[unet].runner))
+    runners = {"unet_call": unet_call, "vae_encode": ready["vae_encoder"].runner,
                "vae_decode": ready["vae_decoder"].runner}
     scale = int(getattr(components, "vae_scale_factor", 8))
+    seam_components = {"unet_call": unet, "vae_encode": "vae_encoder", "vae_decode": "vae_decoder"}
     # Each engine may come from a different (wider) cached profile: judge each by its own.
     accepts = {
         seam: seam_acceptors(ready[component].entry.key.profile, scale)[seam]
-        for seam, component in (("unet_call", "unet"), ("vae_encode", "vae_encoder"), ("vae_decode", "vae_decoder"))
+        for seam, component in seam_components.items()
     }
     try:
         calls = example_calls(engine)
@@ -296,7 +302,7 @@ def _use_tensorrt(engine: Any, originals: dict[str, Callable[..., Any]], opts: d
                 err = _relative_error(got, originals[seam](*args, **kwargs))
                 if err is not None and err > SELF_CHECK_RTOL:
                     # Drop it from the cache, so the next start builds a fresh one.
-                    entry = ready[{"unet_call": "unet", "vae_encode": "vae_encoder", "vae_decode": "vae_decoder"}[seam]].entry
+                    entry = ready[seam_components[seam]].entry
                     shutil.rmtree(entry.directory, ignore_errors=True)
                     raise BackendFailed(
                         f"the {seam} engine disagrees with PyTorch (relative error {err:.3f}); it was removed "
@@ -414,6 +420,7 @@ def accelerate(
     openvino_precision: str = "auto",
     threads: int | None = None,
     wait: bool = True,
+    controlnet_inputs: bool = False,
 ) -> str:
     """Replace the engine's seams with the fastest backend `mode` allows; return its name.
 
@@ -423,7 +430,9 @@ def accelerate(
     GPU, NPU; default CPU), `openvino_precision` and `threads` (OpenVINO's CPU pool; None: every
     core) configure OpenVINO. With `wait=False` OpenVINO compiles the stream's shapes in a
     background thread and the seams run PyTorch until each is ready (for building an engine
-    while another one serves). Returns "tensorrt", "compile", "openvino" or "eager". Logs one
+    while another one serves). `controlnet_inputs`: the TensorRT UNet engine takes ControlNet
+    residuals (one engine serves 0..N nets; accel/controlnet_export.py), so frames with a
+    ControlNet stay on the GPU engine instead of falling back to PyTorch. Returns "tensorrt", "compile", "openvino" or "eager". Logs one
     line saying what is used, a warning if it is a fallback.
     """
     import torch
@@ -447,6 +456,7 @@ def accelerate(
         "openvino_precision": openvino_precision,
         "threads": threads,
         "wait": wait,
+        "controlnet_inputs": controlnet_inputs,
     }
     # A second call (a model switch, a mode change) starts from PyTorch and frees old engines.
     restore(engine)
@@ -534,6 +544,7 @@ def accelerate_with_config(engine: Any, model: Any, *, progress: ProgressCallbac
         openvino_device=model.device if is_openvino_device(model.device) else None,
         openvino_precision=model.openvino_precision,
         threads=model.cpu_threads or node_cpu_threads(),
+        controlnet_inputs=model.engine_controlnet,
     )
 
 
@@ -550,7 +561,7 @@ def restore(engine: Any) -> None:
 def describe_seams(engine: Any) -> dict[str, dict[str, Any]]:
     """Per seam: backend, run-time state, PyTorch fallback calls, compile seconds (for stats and bench)."""
     from streamnode.accel.compile import CompiledCall, CudaGraphCall
-    from streamnode.accel.openvino import OvComponent
+    from streamnode.accel.openvino import OvComponent, OvUnet
 
     out: dict[str, dict[str, Any]] = {}
     from streamnode.accel.onnx_export import PositionalUnetCall
@@ -563,6 +574,7 @@ def describe_seams(engine: Any) -> dict[str, dict[str, Any]]:
         info: dict[str, Any] = {"backend": fn.backend, "broken": fn.broken, "fallback_calls": fn.fallback_calls}
         fast = fn.fast.fn if isinstance(fn.fast, PositionalUnetCall) else fn.fast
         inner = fast.fn if isinstance(fast, CudaGraphCall) else fast
+        inner = inner.plain if isinstance(inner, OvUnet) else inner
         if isinstance(inner, CompiledCall):
             info["compile_seconds"] = round(sum(inner.compile_seconds.values()), 2)
         if isinstance(inner, OvComponent):

@@ -39,6 +39,9 @@ ENGINE_FORMAT_VERSION = 1
 """Bump when the ONNX export, I/O names or build settings change: every cached engine is rebuilt."""
 
 COMPONENTS = ("unet", "vae_encoder", "vae_decoder")
+CONTROL_UNET = "unet_control"
+"""The UNet with ControlNet residual inputs (accel/controlnet_export.py), built instead of `unet`
+with `model.engine_controlnet`."""
 RUNTIMES = ("tensorrt", "openvino")
 
 T = TypeVar("T")
@@ -79,8 +82,8 @@ class EngineKey:
     runtime: str = "tensorrt"
 
     def __post_init__(self) -> None:
-        if self.component not in COMPONENTS:
-            raise ValueError(f"component {self.component!r} is not one of {', '.join(COMPONENTS)}")
+        if self.component not in (*COMPONENTS, CONTROL_UNET):
+            raise ValueError(f"component {self.component!r} is not one of {', '.join((*COMPONENTS, CONTROL_UNET))}")
         if self.runtime not in RUNTIMES:
             raise ValueError(f"runtime {self.runtime!r} is not one of {', '.join(RUNTIMES)}")
 

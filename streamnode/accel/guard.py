@@ -17,6 +17,9 @@ class GuardedCall:
       reason is logged once.
     - If `fast` raises, the error is logged once and every later call goes to `fallback`: a
       frame is never lost to an accelerator fault, only slowed.
+    - A UNet call with ControlNet residuals (`control=`) goes to `fallback` unless `fast` says
+      it takes them (a `takes_control` attribute that is true): a graph built without residual
+      inputs cannot add them.
     """
 
     def __init__(
@@ -37,9 +40,9 @@ class GuardedCall:
         self._reasons_logged: set[str] = set()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        # kwargs: a seam's keyword-only extras (the UNet's `added_cond`), passed to both paths.
-        if self.broken is None and self.accepts is not None:
-            why = self.accepts(*args, **kwargs)
+        # kwargs: a seam's keyword-only extras (the UNet's `added_cond`, `control`), passed to both paths.
+        if self.broken is None and (self.accepts is not None or kwargs.get("control") is not None):
+            why = self._refuses(*args, **kwargs)
             if why is not None:
                 if why not in self._reasons_logged:
                     self._reasons_logged.add(why)
@@ -56,6 +59,15 @@ class GuardedCall:
                 )
         self.fallback_calls += 1
         return self.fallback(*args, **kwargs)
+
+    def _refuses(self, *args: Any, **kwargs: Any) -> str | None:
+        if kwargs.get("control") is not None and not getattr(self.fast, "takes_control", False):
+            return "a ControlNet is active and this UNet has no residual inputs"
+        if self.accepts is None:
+            return None
+        if getattr(self.fast, "takes_control", False):
+            return self.accepts(*args, **kwargs)  # its own acceptor judges the residuals too
+        return self.accepts(*args, **{k: v for k, v in kwargs.items() if k != "control"})
 
     def stop_fast(self, reason: str) -> None:
         """Use PyTorch from now on (the fast path no longer computes what PyTorch does, e.g. the

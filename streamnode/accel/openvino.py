@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from streamnode.accel.cache import (
+    CONTROL_UNET,
     CacheEntry,
     EngineCache,
     EngineKey,
@@ -231,15 +232,26 @@ def make_key(components: Any, component: str, shapes: Shapes, target: OvTarget, 
     )
 
 
+def _module(components: Any, component: str) -> torch.nn.Module:
+    """The module converted for `component`: the seams' (onnx_export), or the UNet with ControlNet
+    residual inputs (controlnet_export)."""
+    if component == CONTROL_UNET:
+        from streamnode.accel.controlnet_export import UNetWithResiduals
+
+        return UNetWithResiduals(components.unet, 0).eval()
+    return component_module(components, component)
+
+
 def _seam_inputs(components: Any, component: str, shapes: Shapes) -> tuple[torch.Tensor, ...]:
     """Trace inputs of these shapes (values do not matter: every axis becomes a static shape later)."""
     gen = torch.Generator("cpu").manual_seed(0)
-    if component == "unet":
-        (x, t, e) = shapes
+    if component in ("unet", CONTROL_UNET):
+        (x, t, e, *residuals) = shapes
         return (
             torch.randn(x, generator=gen),
             torch.randint(100, 900, t, generator=gen),
             torch.randn(e, generator=gen),
+            *(torch.randn(r, generator=gen) for r in residuals),
         )
     if component == "vae_encoder":
         return (torch.rand(shapes[0], generator=gen) * 2 - 1,)
@@ -272,7 +284,7 @@ def convert(components: Any, component: str, shapes: Shapes) -> Any:
     """The `component` module as an `openvino.Model`, traced at `shapes` (its axes left dynamic)."""
     import openvino as ov
 
-    module = component_module(components, component)
+    module = _module(components, component)
     inputs = _seam_inputs(components, component, shapes)
     start = time.perf_counter()
     with torch.no_grad(), _quiet_tracer():
@@ -308,7 +320,7 @@ def _static(model: Any, component: str, shapes: Shapes) -> Any:
     for i in _NHWC_OUTPUTS.get(component, ()):
         ppp.output(i).tensor().set_layout(ov.Layout("NHWC"))
         ppp.output(i).model().set_layout(ov.Layout("NCHW"))
-    if component == "unet":
+    if component in ("unet", CONTROL_UNET):
         # The engine's timesteps are int64; the cast happens inside the compiled model.
         ppp.input(1).tensor().set_element_type(ov.Type.i64)
     return ppp.build()
@@ -352,7 +364,7 @@ class OvComponent:
     @property
     def weights(self) -> str:
         if self._weights is None:
-            self._weights = weights_fingerprint(component_module(self.components, self.component))
+            self._weights = weights_fingerprint(_module(self.components, self.component))
         return self._weights
 
     def ready(self, shapes: Shapes) -> bool:
@@ -425,6 +437,38 @@ class OvComponent:
         if self.compiler is not None:
             self.compiler.close()
         self._requests = {}
+
+
+class OvUnet:
+    """The `unet_call` seam over two compiled UNets: the plain one, and for the calls with
+    ControlNet residuals (`control=`) the UNet with residual inputs (compiled in the background the
+    first time a ControlNet acts; those calls run in PyTorch until it is ready)."""
+
+    takes_control = True
+
+    def __init__(self, plain: OvComponent, control: OvComponent) -> None:
+        self.plain, self.control = plain, control
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.plain, name)  # entries, compiled, target, prepare, ready: the plain UNet's
+
+    @staticmethod
+    def _args(x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, control: Any) -> tuple[torch.Tensor, ...]:
+        return (x, t, emb) if control is None else (x, t, emb, *control[0], control[1])
+
+    def accepts(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, *, control: Any = None,
+                **_: Any) -> str | None:
+        part = self.plain if control is None else self.control
+        return part.accepts(*self._args(x, t, emb, control))
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, *, control: Any = None,
+                 **_: Any) -> torch.Tensor:
+        part = self.plain if control is None else self.control
+        return part(*self._args(x, t, emb, control))
+
+    def close(self) -> None:
+        self.plain.close()
+        self.control.close()
 
 
 # -- background compiles -------------------------------------------------------------------
@@ -503,10 +547,13 @@ class OpenVINOBackend:
         self.target = target
         self.compiler = BackgroundCompiler()
         cache = cache or EngineCache()
-        self.parts = {
+        self.parts: dict[str, Any] = {
             seam: OvComponent(components, component, target, cache, self.compiler)
             for seam, component in SEAM_COMPONENTS.items()
         }
+        if not components.conditioning.pooled_dim:  # SD1/SD2: ControlNet frames stay in OpenVINO too
+            control = OvComponent(components, CONTROL_UNET, target, cache, self.compiler)
+            self.parts["unet_call"] = OvUnet(self.parts["unet_call"], control)
 
     def prepare(self, inputs: dict[str, tuple[torch.Tensor, ...]]) -> dict[str, bool]:
         """Compile or import the models for these seam inputs' shapes, here and now."""

@@ -32,6 +32,7 @@ import torch
 
 from streamnode.accel.cache import (
     COMPONENTS,
+    CONTROL_UNET,
     CacheEntry,
     EngineCache,
     EngineKey,
@@ -117,7 +118,9 @@ def make_key(
     if weights is None:
         from streamnode.accel.onnx_export import component_module
 
-        weights = weights_fingerprint(component_module(components, component))
+        # The UNet with residual inputs has the UNet's weights: the component name tells them apart.
+        module = component_module(components, "unet" if component == CONTROL_UNET else component)
+        weights = weights_fingerprint(module)
     return EngineKey(
         component=component,
         model=str(components.identity),
@@ -134,11 +137,25 @@ def make_key(
 
 def input_shapes(
     component: str, profile: EngineProfile, *, scale: int = 8, text_len: int = 77, text_dim: int = 1024,
-    pooled_dim: int = 0,
+    pooled_dim: int = 0, unet_config: Any = None,
 ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """(min, opt, max) shape of every engine input for `profile`; `pooled_dim` > 0: an SDXL UNet,
-    which also takes `text_embeds` (batch, pooled_dim) and `time_ids` (batch, 6)."""
+    which also takes `text_embeds` (batch, pooled_dim) and `time_ids` (batch, 6). `unet_control`
+    (the UNet with ControlNet residual inputs) also takes every residual, its sides following the
+    latent's (`unet_config` gives their channels)."""
     lo, oh, ow, hi = profile.latent_range(scale)
+    if component == CONTROL_UNET:
+        from streamnode.accel.controlnet_export import residual_names, residual_shapes
+
+        if unet_config is None:
+            raise ValueError("unet_control shapes need the UNet's config")
+        shapes = input_shapes("unet", profile, scale=scale, text_len=text_len, text_dim=text_dim, pooled_dim=pooled_dim)
+        b = (profile.min_batch, profile.opt_batch, profile.max_batch)
+        sides = ((lo, lo), (oh, ow), (hi, hi))
+        per_point = [residual_shapes(unet_config, h, w) for h, w in sides]
+        for i, name in enumerate(residual_names(unet_config)):
+            shapes[name] = tuple((n, *point[i]) for n, point in zip(b, per_point, strict=True))  # type: ignore[assignment]
+        return shapes
     if component == "unet":
         b = (profile.min_batch, profile.opt_batch, profile.max_batch)
         shapes = {
@@ -262,6 +279,7 @@ def build_engine_bytes(
     text_len: int,
     text_dim: int,
     pooled_dim: int = 0,
+    unet_config: Any = None,
     timing_cache: Path | None = None,
     workspace_bytes: int | None = None,
     on_progress: Callable[[float | None, str], None] | None = None,
@@ -270,7 +288,8 @@ def build_engine_bytes(
     import tensorrt as trt
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
-    shapes = input_shapes(component, profile, scale=scale, text_len=text_len, text_dim=text_dim, pooled_dim=pooled_dim)
+    shapes = input_shapes(component, profile, scale=scale, text_len=text_len, text_dim=text_dim, pooled_dim=pooled_dim,
+                          unet_config=unet_config)
     trt_profile = Profile()
     for name, (lo, opt, hi) in shapes.items():
         trt_profile.add(name, min=lo, opt=opt, max=hi)
@@ -518,9 +537,11 @@ class ReadyEngine:
 
 
 def _max_shapes(
-    component: str, profile: EngineProfile, scale: int, text_len: int, text_dim: int, pooled_dim: int = 0
+    component: str, profile: EngineProfile, scale: int, text_len: int, text_dim: int, pooled_dim: int = 0,
+    unet_config: Any = None,
 ) -> dict[str, tuple[int, ...]]:
-    shapes = input_shapes(component, profile, scale=scale, text_len=text_len, text_dim=text_dim, pooled_dim=pooled_dim)
+    shapes = input_shapes(component, profile, scale=scale, text_len=text_len, text_dim=text_dim, pooled_dim=pooled_dim,
+                          unet_config=unet_config)
     return {n: s[2] for n, s in shapes.items()}
 
 
@@ -559,7 +580,9 @@ def ensure_engines(
     for index, component in enumerate(which, start=1):
         key = make_key(components, component, profile, trt_version=str(trt.__version__),
                        gpu_name=gpu_name, compute_capability=cc)
-        estimate = cache.estimate_seconds(key) or DEFAULT_BUILD_SECONDS.get(component)
+        estimate = cache.estimate_seconds(key) or DEFAULT_BUILD_SECONDS.get(
+            "unet" if component == CONTROL_UNET else component
+        )
         start = time.perf_counter()
 
         def emit(stage: str, fraction: float | None = None, message: str = "",
@@ -572,17 +595,23 @@ def ensure_engines(
             work = Path(tempfile.mkdtemp(prefix=f".build-{_c}-", dir=cache.root if cache.root.exists() else None))
             try:
                 _emit("export", message="exporting ONNX…")
-                batch = profile.opt_batch if _c == "unet" else profile.vae_max_batch
+                batch = profile.opt_batch if _c in ("unet", CONTROL_UNET) else profile.vae_max_batch
                 with torch.no_grad():
-                    report = export_onnx(components, _c, work / f"{_c}.onnx", batch=batch,
-                                         height=profile.opt_height, width=profile.opt_width)
+                    if _c == CONTROL_UNET:
+                        from streamnode.accel.controlnet_export import export_unet_with_residuals
+
+                        report = export_unet_with_residuals(components, work / f"{_c}.onnx", batch=batch,
+                                                            height=profile.opt_height, width=profile.opt_width)
+                    else:
+                        report = export_onnx(components, _c, work / f"{_c}.onnx", batch=batch,
+                                             height=profile.opt_height, width=profile.opt_width)
                 _emit("export", message=f"ONNX ready ({report.nodes_final} nodes, {report.seconds:.0f} s); "
                       f"building (estimate ~{_fmt_minutes(_est)})")
                 with offloaded(components):
                     free = torch.cuda.mem_get_info(device)[0]
                     return build_engine_bytes(
                         report.path, _c, profile, scale=scale, text_len=text_len, text_dim=text_dim,
-                        pooled_dim=pooled_dim,
+                        pooled_dim=pooled_dim, unet_config=components.unet.config,
                         timing_cache=cache.timing_cache_path(_k),
                         # Leave headroom for the builder's own weights and the CUDA context.
                         workspace_bytes=max(int(free * 0.75), 1 << 30),
@@ -599,8 +628,9 @@ def ensure_engines(
                 return None
             # A cached engine may cover more than asked: size its buffers for what it covers.
             return TrtRunner(entry.engine_path.read_bytes(), component=_c, device=device,
-                             max_shapes=_max_shapes(_c, entry.key.profile, scale, text_len, text_dim, pooled_dim),
-                             cuda_graphs=cuda_graphs, input_names=io_names(components, _c)[0])
+                             max_shapes=_max_shapes(_c, entry.key.profile, scale, text_len, text_dim, pooled_dim,
+                                                    components.unet.config),
+                             cuda_graphs=cuda_graphs, input_names=engine_inputs(components, _c))
 
         cache.root.mkdir(parents=True, exist_ok=True)
         try:
@@ -625,6 +655,16 @@ def ensure_engines(
             emit("cached", message=f"cached engine {entry.directory.name} ({size:.0f} MiB), checksum ok")
         ready[component] = ReadyEngine(component, runner, entry, built, seconds)
     return ready
+
+
+def engine_inputs(components: Any, component: str) -> tuple[str, ...]:
+    """The engine's input names in the seam's argument order (the UNet with residuals: the
+    UNet's, then every residual)."""
+    if component == CONTROL_UNET:
+        from streamnode.accel.controlnet_export import residual_names
+
+        return (*io_names(components, "unet")[0], *residual_names(components.unet.config))
+    return io_names(components, component)[0]
 
 
 def _fmt_minutes(seconds: float | None) -> str:

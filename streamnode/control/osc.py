@@ -632,6 +632,7 @@ class OscServer:
         live: LiveFn | None = None,
         max_brushes: int | None = None,
         max_loras: int | None = None,
+        max_controlnets: int | None = None,
         name: str = "streamnode",
     ) -> None:
         self.config = config
@@ -640,7 +641,11 @@ class OscServer:
         self._live: LiveFn = live or LiveState
         self.max_brushes = _default(RuntimeConfig, "max_brushes") if max_brushes is None else max_brushes
         self.max_loras = _default(RuntimeConfig, "max_loras") if max_loras is None else max_loras
-        self.limits: dict[str, int] = {"brush": self.max_brushes, "lora": self.max_loras}
+        self.max_controlnets = (
+            _default(RuntimeConfig, "max_controlnets") if max_controlnets is None else max_controlnets
+        )
+        self.limits: dict[str, int] = {"brush": self.max_brushes, "lora": self.max_loras,
+                                       "controlnet": self.max_controlnets}
         self.name = name
         self._prefix = config.prefix
         self._allow = [ipaddress.ip_network(a, strict=False) for a in config.allow]

@@ -53,6 +53,7 @@ import torch
 
 from streamnode.config import StreamConfig
 from streamnode.diffusion.conditioning import AddedCond
+from streamnode.diffusion.controlnet import Control, ControlPlan, ControlStack
 from streamnode.diffusion.lora import LoraPlan, LoraStack, StalePlan
 from streamnode.diffusion.prompts import PromptCache, blend_embeddings
 from streamnode.diffusion.regions import Regions
@@ -69,18 +70,23 @@ class UnetCall(Protocol):
     """The UNet seam: (x (rows, 4, h, w), t (rows,) long, encoder_hidden_states (rows, 77, D)) → model
     output (rows, 4, h, w). `added_cond`, keyword-only, is the family's extra conditioning
     (conditioning.py; SDXL: {"text_embeds": (rows, P), "time_ids": (rows, 6)}); it is passed only
-    when the model has one, so an SD1/SD2 seam may be any plain 3-argument callable."""
+    when the model has one, so an SD1/SD2 seam may be any plain 3-argument callable. `control`,
+    keyword-only, is the ControlNets' summed residuals per row (controlnet.py: (down residuals,
+    mid residual), diffusers' `down_block_additional_residuals`, `mid_block_additional_residual`),
+    passed only while a ControlNet acts."""
 
     def __call__(
-        self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, *, added_cond: AddedCond | None = None
+        self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, *, added_cond: AddedCond | None = None,
+        control: Control | None = None,
     ) -> torch.Tensor: ...
 
 VaeCall = Callable[[torch.Tensor], torch.Tensor]
 
-UPDATE_KEYS = frozenset({*LiveParams.model_fields, "brush", "brush_order", "lora"})
+UPDATE_KEYS = frozenset({*LiveParams.model_fields, "brush", "brush_order", "lora", "controlnet"})
 """What `StreamEngine.update()` accepts: the live parameters (live_params.LiveParams), `brush`
-((index, field, value) or (index, {field: value, ...}); regions.py), `brush_order`, and `lora`
-(the same edit shapes, or a plan from `prepare_lora()`; lora.py)."""
+((index, field, value) or (index, {field: value, ...}); regions.py), `brush_order`, `lora`
+(the same edit shapes, or a plan from `prepare_lora()`; lora.py) and `controlnet` (the same
+edit shapes, or a plan from `prepare_controlnet()`; controlnet.py)."""
 
 # Live fields that do not alter the output; after any other change the similarity filter stands
 # aside until the change has flowed through every stage (a static input would otherwise freeze
@@ -108,7 +114,7 @@ def _indexed_fields(value: Any, what: str = "brush") -> tuple[Any, dict[str, Any
             return value[0], {value[1]: value[2]}
         if len(value) == 2 and isinstance(value[1], Mapping):
             return value[0], dict(value[1])
-    example = "(0, 'prompt', 'flames')" if what == "brush" else "(0, 'weight', 0.8)"
+    example = {"brush": "(0, 'prompt', 'flames')", "lora": "(0, 'weight', 0.8)"}.get(what, "(0, 'scale', 0.8)")
     raise ValueError(f"{what}: give (index, field, value) or (index, {{field: value, ...}}), e.g. {example}")
 
 
@@ -149,6 +155,7 @@ class StreamEngine:
         max_brushes: int = 8,
         lora_mode: str = "runtime",
         max_loras: int = 8,
+        max_controlnets: int = 4,
     ) -> None:
         fixed = validated(
             StreamConfig, {"width": width, "height": height, "frame_buffer_size": frame_buffer_size, "cfg_type": cfg_type}
@@ -182,9 +189,14 @@ class StreamEngine:
         unet = components.unet
 
         def eager_unet(
-            x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, *, added_cond: AddedCond | None = None
+            x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, *, added_cond: AddedCond | None = None,
+            control: Control | None = None,
         ) -> torch.Tensor:
-            return unet(x, t, encoder_hidden_states=emb, added_cond_kwargs=added_cond, return_dict=False)[0]
+            down, mid = control if control is not None else (None, None)
+            return unet(
+                x, t, encoder_hidden_states=emb, added_cond_kwargs=added_cond, down_block_additional_residuals=down,
+                mid_block_additional_residual=mid, return_dict=False,
+            )[0]
 
         self.unet_call: UnetCall = eager_unet
         # The model family's conditioning (conditioning.py): packs prompts, unpacks rows for the seam.
@@ -238,6 +250,8 @@ class StreamEngine:
         # UNet's weights (an accelerated UNet built with the old ones: accel/).
         self._loras = LoraStack(components.unet, mode=lora_mode, max_loras=max_loras)
         self._weight_listeners: list[Callable[[bool], None]] = []
+        # The ControlNets (controlnet.py): their maps move through the stages with the frames.
+        self._control = ControlStack(components, width=self.width, height=self.height, max_nets=max_controlnets)
         self._schedule: LcmSchedule | None = None
         self._stage_noise: torch.Tensor | None = None  # (T, 4, h, w) float32 CPU, one per stage
         # (2, L, D): [negative, positive], packed prompt embeddings (L = 77, or 78 for SDXL: conditioning.py)
@@ -307,6 +321,7 @@ class StreamEngine:
         buffers) and give the UNet back as loaded (no LoRA). Safe twice; the engine must not be
         called afterwards."""
         self._loras.close()
+        self._control.close()
         closers, self._closers = self._closers, []
         for release in reversed(closers):
             try:
@@ -408,6 +423,7 @@ class StreamEngine:
         self._transition = None
         self._settle = 0
         self._filter.reset()
+        self._control.reset()
         self._last_image = None
 
     def update(self, **kwargs: Any) -> None:
@@ -447,7 +463,7 @@ class StreamEngine:
             raise ValueError(f"unknown engine parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(UPDATE_KEYS))}")
         if "brush" in kwargs and "brush_order" in kwargs:
             raise ValueError("give brush or brush_order, not both")
-        plain = {k: v for k, v in kwargs.items() if k not in ("brush", "brush_order", "lora")}
+        plain = {k: v for k, v in kwargs.items() if k not in ("brush", "brush_order", "lora", "controlnet")}
         new = base.apply(plain) if plain else base
 
         old = self._params
@@ -467,6 +483,9 @@ class StreamEngine:
         if "lora" in kwargs:
             value = kwargs["lora"]
             derived["lora"] = value if isinstance(value, LoraPlan) else self.prepare_lora(value)
+        if "controlnet" in kwargs:
+            value = kwargs["controlnet"]
+            derived["controlnet"] = value if isinstance(value, ControlPlan) else self.prepare_controlnet(value)
         return new, derived
 
     def _commit(self, new: LiveParams, derived: dict[str, Any], *, transition: bool) -> None:
@@ -497,10 +516,12 @@ class StreamEngine:
             self._rows_dirty = True
         if "lora" in derived:
             self._commit_lora(derived["lora"])
+        if "controlnet" in derived:
+            self._control.commit(derived["controlnet"])
         self._live = LiveState(params=new, brushes=self._regions.brushes, brush_order=self._regions.order,
-                               loras=self._loras.params)
+                               loras=self._loras.params, controlnets=self._control.params)
         changed = {name for name in LiveParams.model_fields if getattr(old, name) != getattr(new, name)}
-        if changed - _QUIET_FIELDS or {"brush", "brush_order", "lora"} & derived.keys():
+        if changed - _QUIET_FIELDS or {"brush", "brush_order", "lora", "controlnet"} & derived.keys():
             self._settle = max(self._settle, new.prompt_transition_frames + self.steps)
         if changed:
             logger.debug("engine parameters: %s", ", ".join(f"{k}={getattr(new, k)!r}" for k in sorted(changed)))
@@ -538,6 +559,36 @@ class StreamEngine:
             self._loras.commit(plan)
         for listener in self._weight_listeners:
             listener(plan.structure)
+
+    # -- ControlNets (controlnet.py) ---------------------------------------------------------
+
+    @property
+    def controlnets(self) -> ControlStack:
+        """The ControlNets, for inspection; edit them through `update(controlnet=...)`."""
+        return self._control
+
+    def controlnet_heavy(self, edit: Any) -> bool:
+        """True when a ControlNet edit brings a model to load: the node loads it off the engine thread."""
+        return self._control.heavy(*_indexed_fields(edit, "controlnet"))
+
+    def prepare_controlnet(self, edit: Any) -> ControlPlan:
+        """The heavy half of a ControlNet edit ((index, field, value) or (index, {field: value, ...});
+        field "clear" removes it): loads and checks a new model. Safe on any thread while frames
+        run (it changes nothing); commit on the engine thread with `update(controlnet=plan)`.
+        Raises ValueError (controlnet.ControlNetError) with one line."""
+        with torch.inference_mode():
+            return self._control.plan(*_indexed_fields(edit, "controlnet"))
+
+    def set_control_map(self, index: int, image: Any, *, derived: bool = False) -> None:
+        """The map of ControlNet `index` for the frames of the next calls, until another arrives
+        (an external map source, or a preprocessor run off the engine thread). float (3, H, W) /
+        (F, 3, H, W) in [0, 1] or uint8 (H, W[, 3]) / (F, H, W, 3) numpy at the engine's size.
+        The similarity filter stands aside until the new map has reached the output, unless the
+        map is `derived` from the input frame (a preprocessor's): then the frame says it all."""
+        with torch.inference_mode():
+            self._control.set_map(index, image)
+        if not derived:
+            self._settle = max(self._settle, self.steps)
 
     def _encode_texts(self, texts: list[str]) -> torch.Tensor:
         self.stats["text_encodes"] += len(texts)
@@ -603,6 +654,7 @@ class StreamEngine:
             self._x0_prev = self._x0_prev[index]
             if self._resid_prev is not None:
                 self._resid_prev = self._resid_prev[index]
+            self._control.remap_stages([min(k, old_steps - 1) for k in range(T)])
 
     def _build_rows(self) -> None:
         """The UNet call's tensors for T, F, cfg_type and P layers (reallocated when the row count changes)."""
@@ -612,6 +664,9 @@ class StreamEngine:
         t_rows = self._t_rows.repeat_interleave(P) if P > 1 else self._t_rows
         # Negative rows come first and are the first n_neg stream rows again (all of them, or stage 0).
         self._unet_t = torch.cat([t_rows[:n_neg], t_rows])
+        # The stage of every row (the ControlNets' guidance range is a range of stages).
+        stage_rows = torch.arange(self.steps, device=self.device).repeat_interleave(F * P)
+        self._unet_stage = torch.cat([stage_rows[:n_neg], stage_rows])
         if getattr(self, "_unet_in", None) is None or self._unet_in.shape[0] != rows:
             self._unet_in = torch.zeros((rows, *self.latent_shape), device=self.device, dtype=self.dtype)
             self._unet_emb: torch.Tensor | None = None
@@ -654,11 +709,20 @@ class StreamEngine:
         g = self._params.guidance_scale
         return eps_u + g * (eps_c - eps_u) if g > 1.0 else eps_c
 
-    def _unet(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """One UNet evaluation through the swappable backend, as ε."""
+    def _unet(
+        self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, stages: torch.Tensor,
+        maps: Mapping[int, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """One UNet evaluation through the swappable backend, as ε; with the ControlNets' residuals
+        for these rows (their stages; `maps`: each net's map per row, default the stream rows)."""
         self.stats["unet_calls"] += 1
         hidden, added = self._conditioning.unet_inputs(emb, height=self.height, width=self.width)
-        out = self.unet_call(x, t, hidden) if added is None else self.unet_call(x, t, hidden, added_cond=added)
+        extras: dict[str, Any] = {} if added is None else {"added_cond": added}
+        if self._control.active(self.steps):
+            control = self._control.residuals(x, t, hidden, added, stages, self.steps, maps=maps, reuse=maps is None)
+            if control is not None:
+                extras["control"] = control
+        out = self.unet_call(x, t, hidden, **extras)
         if self._prediction == "epsilon":
             return out
         a, b = self._sqrt_acp[t].view(-1, 1, 1, 1), self._sqrt_1m_acp[t].view(-1, 1, 1, 1)
@@ -710,8 +774,11 @@ class StreamEngine:
         if n_neg:
             self._unet_in[:n_neg] = stream_rows[:n_neg]
 
-        # 5. ONE UNet call over all batch_rows rows; with brushes, ε per layer: (P, rows / P, …).
-        out = self._unet(self._unet_in, self._unet_t, self._unet_emb)
+        # 5. ONE UNet call over all batch_rows rows, with the ControlNets' residuals of every row
+        #    (each row's map is the map of the frame it belongs to); with brushes, ε per layer.
+        if self._control.active(T):
+            self._control.stream_maps(T, F, P, n_neg)
+        out = self._unet(self._unet_in, self._unet_t, self._unet_emb, self._unet_stage)
         eps_neg, eps_c = out[:n_neg], out[n_neg:]
         if P > 1:
             eps_neg, eps_c = self._by_layer(eps_neg), self._by_layer(eps_c)
@@ -738,9 +805,11 @@ class StreamEngine:
             x0 = self._regions.fuse(x0, F)
             resid = None if resid is None else self._regions.fuse(resid, F)
 
-        # 9. Carry x0 (and the RCFG residual R) to the next call, which re-noises them (step 1).
+        # 9. Carry x0 (and the RCFG residual R) to the next call, which re-noises them (step 1),
+        #    and the ControlNet maps with their frames.
         self._resid_prev = resid
         self._x0_prev = x0
+        self._control.advance(T)
         return x0[-F:]
 
     def _write_rows(self, emb: torch.Tensor) -> None:
@@ -828,8 +897,9 @@ class StreamEngine:
         """Steps 2–7 of a processed frame; on failure the filter forgets it and nothing is committed."""
         F = self.frame_buffer_size
         try:
-            # 2. Encode: z = s·E(I).
+            # 2. Encode: z = s·E(I); the ControlNet maps of the new frames.
             z = self._encode(image)
+            self._control.begin(image, F)
             # 3. Noise to stage 0 with the fixed noise: X_0 = a_0·z + b_0·n_0.
             x_new = self.renoise(z, slice(0, F))
             # 4. This frame's prompt embeddings (a prompt transition steps here).
@@ -860,8 +930,10 @@ class StreamEngine:
             F = self.frame_buffer_size
             # 1. Stage 0 is pure (fixed) noise: X_0 = n_0.
             x_new = self._noise[:F]
-            # 2. Embeddings, 3. cold fill from zeros, 4. one stream step, 5. decode.
+            # 2. Embeddings (and ControlNet maps from outside), 3. cold fill from zeros,
+            #    4. one stream step, 5. decode.
             emb = self._frame_embeddings()
+            self._control.begin(None, F)
             if self._cold:
                 self._warm_fill(x_new, torch.zeros_like(x_new))
             x0 = self._stream_step(x_new)
@@ -885,9 +957,11 @@ class StreamEngine:
             if frame is None:
                 kind = self._txt2img_kind(output_type)
                 x = self._noise[:F]
+                self._control.begin(None, F)
             else:
                 image, kind = self._preprocess(frame)
                 x = self.renoise(self._encode(image), slice(0, F))
+                self._control.begin(image, F)
             assert self._emb_current is not None
             if P == 1:
                 emb_neg = self._emb_current[0:1].expand(F, -1, -1)
@@ -903,12 +977,18 @@ class StreamEngine:
                 rows = slice(k * F, (k + 1) * F)
                 t = self._t_rows[rows]
                 xs, ts = (x, t) if P == 1 else (x.repeat_interleave(P, 0), t.repeat_interleave(P))
-                # One UNet call for stage k (with the negative rows where the stream has them).
-                if self.cfg_type == "full" or (self.cfg_type == "initialize" and k == 0):
-                    out = self._unet(torch.cat([xs, xs]), torch.cat([ts, ts]), torch.cat([emb_neg, emb_pos]))
+                # One UNet call for stage k (with the negative rows where the stream has them);
+                # every row's ControlNet map is this frame's.
+                negative = self.cfg_type == "full" or (self.cfg_type == "initialize" and k == 0)
+                maps = self._control.frame_row_maps(layers=P, copies=2 if negative else 1)
+                stages = torch.full((xs.shape[0] * (2 if negative else 1),), k, device=self.device)
+                if negative:
+                    out = self._unet(
+                        torch.cat([xs, xs]), torch.cat([ts, ts]), torch.cat([emb_neg, emb_pos]), stages, maps
+                    )
                     eps_neg, eps_c = out[: F * P], out[F * P :]
                 else:
-                    eps_neg, eps_c = None, self._unet(xs, ts, emb_pos.contiguous())
+                    eps_neg, eps_c = None, self._unet(xs, ts, emb_pos.contiguous(), stages, maps)
                 if P > 1:
                     eps_c = self._by_layer(eps_c)
                     eps_neg = None if eps_neg is None else self._by_layer(eps_neg)

@@ -3,13 +3,14 @@
 Each update drained from the control queue goes to its owner: live parameters, brush and LoRA
 edits to the engine (which validates them against the schema and keeps what is in force), pause,
 bypass and preset to the node, a model change to the loader (model_switch.py), a LoRA edit with
-heavy work (a file to read, weights to merge) to the LoRA loader (lora_loader.py), whose plans
-are committed here between frames. Every outcome is reported on the queue
+heavy work (a file to read, weights to merge) to the LoRA loader (lora_loader.py), a ControlNet
+edit with a model to load to the ControlNet loader (the same class), whose plans are committed
+here between frames; the external ControlNet maps that arrived go to the engine. Every outcome is reported on the queue
 (`ControlQueue.report`): an update that cannot be applied costs one log line (rate-limited), an
 error reply and nothing else; the node keeps streaming.
 
 A preset replaces the look: its live values (as live updates, so prompts blend in), its
-brushes and LoRAs (all current ones go), and, with --allow-model-switch, its model.
+brushes, LoRAs and ControlNets (all current ones go), and, with --allow-model-switch, its model.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from streamnode.control.updates import ENGINE_KEYS, Update
 from streamnode.engine import Engine
 from streamnode.live_params import MASK_SOURCES, LiveState
 from streamnode.log_limit import LogLimiter, held_text
-from streamnode.node.lora_loader import LoraJob
+from streamnode.node.lora_loader import LoraJob, LoraLoader
 from streamnode.node.model_switch import LoadJob
 
 if TYPE_CHECKING:
@@ -50,7 +51,9 @@ class Applier:
         node = self.node
         if self._poll_masks():
             node.publish_live()
-        self._commit_planned_loras()
+        self._poll_control_maps()
+        self._commit_planned(node.lora_loader)
+        self._commit_planned(node.controlnet_loader)
         for update in node.queue.drain():
             try:
                 self.apply(update)
@@ -61,6 +64,7 @@ class Applier:
                 continue
             node.publish_live()  # before the report: whoever hears of it reads the new state
             node.queue.report(update)
+        node.control_maps.sync(node.live().controlnets)
 
     def failed(self, update: Update, reason: str) -> None:
         node = self.node
@@ -90,6 +94,8 @@ class Applier:
             self.apply_brush(value, engine)
         elif key == "lora":
             self.apply_lora(update, engine)
+        elif key == "controlnet":
+            self.apply_controlnet(update, engine)
         else:
             raise ValueError(f"unknown control key {key!r}")
         if node.switches.preset:
@@ -118,6 +124,14 @@ class Applier:
         for index, fields in wanted.items():
             if state.loras.get(index) is None or state.loras[index].model_dump() != fields:
                 self.apply_lora(Update("lora", (index, fields), origin=""), engine, deferred_ok=True)
+        # And its ControlNets, each one edit (a model loaded off the engine thread).
+        wanted = {index: net.model_dump() for index, net in enumerate(cfg.controlnets)}
+        for index, net in state.controlnets.items():
+            if wanted.get(index) != net.model_dump():
+                self.apply_controlnet(Update("controlnet", (index, "clear", None), origin=""), engine, deferred_ok=True)
+        for index, fields in wanted.items():
+            if state.controlnets.get(index) is None or state.controlnets[index].model_dump() != fields:
+                self.apply_controlnet(Update("controlnet", (index, fields), origin=""), engine, deferred_ok=True)
         node.set_switches(preset=name)
         now = node.config
         fixed = [k for k in ("width", "height", "frame_buffer_size", "cfg_type", "mode")
@@ -152,6 +166,11 @@ class Applier:
         finally:
             if old is not None:
                 old.close()
+        for index, image in node.control_maps.held():
+            try:
+                new.set_control_map(index, image)  # the external maps in force hold across the switch
+            except Exception as e:  # noqa: BLE001 - a map that no longer fits is reported, never fatal
+                node.set_error(f"controlnet {index} map: {e}")
         logger.info("model switched to %s", job.config.model.id)
 
     # -- LoRAs
@@ -173,10 +192,40 @@ class Applier:
             raise Deferred
         engine.update(lora=edit)
 
-    def _commit_planned_loras(self) -> None:
-        """Commit the LoRA plans the loader finished (engine thread, between frames); report each."""
+    def apply_controlnet(self, update: Update, engine: Engine, *, deferred_ok: bool = False) -> None:
+        """A ControlNet edit, like a LoRA edit: at once when it loads no model and nothing waits
+        before it, else on the ControlNet loader's thread (Deferred unless `deferred_ok`)."""
         node = self.node
-        loader = node.lora_loader
+        index = int(update.value[0])
+        limit = node.config.runtime.max_controlnets
+        if not 0 <= index < limit:
+            raise ValueError(f"controlnet {update.value[0]}: use 0..{limit - 1}")
+        edit = (index, *update.value[1:])
+        if node.controlnet_loader.busy() or engine.controlnet_heavy(edit):
+            node.controlnet_loader.request(LoraJob(update, engine, edit))
+            if deferred_ok:
+                return
+            raise Deferred
+        engine.update(controlnet=edit)
+
+    def _poll_control_maps(self) -> None:
+        """Hand the engine the external ControlNet maps that arrived (node/control_maps.py)."""
+        node = self.node
+        engine = node.engine
+        for index, image in node.control_maps.poll():
+            try:
+                assert engine is not None
+                engine.set_control_map(index, image)
+            except Exception as e:  # noqa: BLE001 - a bad map is reported, never fatal
+                node.set_error(f"controlnet {index} map: {e}")
+                if (held := self._log_limit(f"controlnet-map:{index}")) is not None:
+                    logger.warning("controlnet %d: cannot use its map: %s%s", index, e, held_text(held))
+
+    def _commit_planned(self, loader: LoraLoader) -> None:
+        """Commit the plans a loader (LoRAs, ControlNets) finished (engine thread, between frames);
+        report each."""
+        node = self.node
+        group = loader.group
         for planned in loader.take():
             update, index = planned.job.update, planned.job.edit[0]
             engine = node.engine
@@ -185,11 +234,11 @@ class Applier:
                     raise ValueError(planned.error)
                 assert engine is not None
                 if planned.job.engine is engine:
-                    engine.update(lora=planned.plan)
+                    engine.update(**{group: planned.plan})
                 else:
-                    engine.update(lora=planned.job.edit)  # a model switch came between: plan it here
-            except Exception as e:  # noqa: BLE001 - a bad LoRA is reported, never fatal
-                self.failed(update, f"lora {index}: {e}")
+                    engine.update(**{group: planned.job.edit})  # a model switch came between: plan it here
+            except Exception as e:  # noqa: BLE001 - a bad LoRA or ControlNet is reported, never fatal
+                self.failed(update, f"{group} {index}: {e}")
                 continue
             node.publish_live()
             node.queue.report(update)
@@ -266,3 +315,9 @@ def _catch_up(engine: Engine, prepared: LiveState, now: LiveState) -> None:
     for index, lora in now.loras.items():
         if prepared.loras.get(index) != lora:
             engine.update(lora=(index, lora.model_dump()))
+    for index in prepared.controlnets:
+        if index not in now.controlnets:
+            engine.update(controlnet=(index, "clear", None))
+    for index, net in now.controlnets.items():
+        if prepared.controlnets.get(index) != net:
+            engine.update(controlnet=(index, net.model_dump()))

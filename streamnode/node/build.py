@@ -18,7 +18,7 @@ EngineFactory = Callable[[NodeConfig], Engine]
 
 def build_engine(config: NodeConfig, progress: Callable[[Any], None] | None = None, *,
                  components: Any = None) -> Engine:
-    """The engine for `config.runtime.engine`: loaded, its `[[loras]]` applied, accelerated
+    """The engine for `config.runtime.engine`: loaded, its `[[loras]]` and `[[controlnets]]` applied, accelerated
     (`model.accel`) and prepared with the config's live values. `progress` receives TensorRT build events. `components`:
     already loaded model components to build on instead of loading `model.id` (tests, benchmarks
     that run many engines on one model)."""
@@ -33,7 +33,7 @@ def build_engine(config: NodeConfig, progress: Callable[[Any], None] | None = No
         shape = {"t_index_list": s.t_index_list, "width": s.width, "height": s.height,
                  "frame_buffer_size": s.frame_buffer_size, "cfg_type": s.cfg_type,
                  "max_brushes": config.runtime.max_brushes, "lora_mode": m.lora_mode,
-                 "max_loras": config.runtime.max_loras}
+                 "max_loras": config.runtime.max_loras, "max_controlnets": config.runtime.max_controlnets}
         if components is not None:
             stream = StreamEngine.from_components(components, **shape)
         else:
@@ -48,6 +48,12 @@ def build_engine(config: NodeConfig, progress: Callable[[Any], None] | None = No
                     stream.update(lora=(index, lora.model_dump()))
                 except ValueError as e:
                     raise ValueError(f"lora {index}: {e}") from None
+            # The preset's ControlNets: a bad one fails the start with its number and one line.
+            for index, net in enumerate(config.controlnets):
+                try:
+                    stream.update(controlnet=(index, net.model_dump()))
+                except ValueError as e:
+                    raise ValueError(f"controlnet {index}: {e}") from None
             accelerate_with_config(stream, m, progress=progress)
         except BaseException:
             stream.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -29,7 +30,8 @@ class Capture:
     """Reads `source` into `ring`. Counters and flags are written by the capture thread only."""
 
     def __init__(self, source: Source, ring: RingBuffer, config: SourceConfig, *, width: int, height: int,
-                 fps: float, no_drop: bool, engine_ready: threading.Event) -> None:
+                 fps: float, no_drop: bool, engine_ready: threading.Event,
+                 on_frame: Callable[[int, np.ndarray], None] | None = None) -> None:
         self.source = source
         self.ring = ring
         self.config = config
@@ -37,6 +39,7 @@ class Capture:
         self.fps = fps
         self.no_drop = no_drop
         self._engine_ready = engine_ready
+        self._on_frame = on_frame  # sees every frame put into the ring (the ControlNet preprocessors)
         self._fitted = np.zeros((height, width, 3), np.uint8)  # also the frame held while the source is away
         self._seq = 0
         self.frames_in = 0  # real frames from the source (not repeats while it is away)
@@ -127,6 +130,8 @@ class Capture:
 
     def _put(self, stop: threading.Event, image: np.ndarray) -> None:
         t_capture = time.monotonic_ns()
+        if self._on_frame is not None:
+            self._on_frame(self._seq, image)
         # Live: never waits. --no-drop: waits for the engine, looking at `stop` meanwhile.
         while not self.ring.put(image, self._seq, t_capture, timeout=TICK_S):
             if stop.is_set() or self.ring.closed:

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+MAP_WAIT_NO_DROP_S = 10.0
+"""--no-drop (a render): how long a frame waits for its ControlNet map before the newest one is used."""
 TICK_S = 0.05
 Tag = tuple[int, int]  # (seq, t_capture) of the input a result belongs to
 
@@ -59,6 +61,7 @@ class EngineLoop:
                 node.fail(str(e))
                 return
             node.publish_live()
+            node.control_maps.sync(node.live().controlnets)  # the preprocessors see the first frame
             node.engine_ready.set()
             # The first call fills the stream batch (T−1 silent steps) and compiles lazy kernels.
             node.set_state("warming_up")
@@ -119,6 +122,7 @@ class EngineLoop:
                     continue
                 image, tags, pending = batch, pending, []
             self.last_input = image
+            self._hand_maps(tags)
             out = self._call(image)
             if out is None:
                 continue
@@ -154,6 +158,18 @@ class EngineLoop:
                 rows = out.shape[0] if out.ndim == 4 else 1
                 node.show(out, [(seq + i + 1, t_capture) for i in range(rows)])
                 seq += rows
+
+    def _hand_maps(self, tags: list[Tag]) -> None:
+        """The preprocessed ControlNet maps of these frames to the engine (node/control_maps.py):
+        live, waiting at most a frame interval for a preprocessor behind; --no-drop, every frame
+        its own map."""
+        node = self.node
+        timeout = MAP_WAIT_NO_DROP_S if node.no_drop else 1.0 / node.fps
+        for index, image in node.control_maps.maps_for([seq for seq, _ in tags], timeout):
+            try:
+                self._engine().set_control_map(index, image, derived=True)
+            except Exception as e:  # noqa: BLE001 - a bad map is reported, never fatal
+                node.set_error(f"controlnet {index} map: {e}")
 
     def _engine(self) -> Engine:
         engine = self.node.engine

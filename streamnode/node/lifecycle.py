@@ -27,6 +27,7 @@ from streamnode.live_params import BrushState, LiveState, NodeParams
 from streamnode.node.apply import Applier
 from streamnode.node.build import EngineFactory, build_engine
 from streamnode.node.capture import Capture
+from streamnode.node.control_maps import ControlMaps
 from streamnode.node.engine_loop import EngineLoop
 from streamnode.node.guard import spawn_guarded
 from streamnode.node.lora_loader import LoraLoader
@@ -78,6 +79,11 @@ class Node:
         self.mask_channels = MaskChannels()
         self.loader = ModelLoader(lambda cfg: self.engine_factory(cfg))
         self.lora_loader = LoraLoader()
+        self.controlnet_loader = LoraLoader("controlnet")
+        self.control_maps = ControlMaps(
+            s.width, s.height, config.source.fit,
+            lambda name, work, stop: self._spawn(name, work, stop, restart=True),
+        )
         self.engine_ready = threading.Event()
         self.ring = RingBuffer((s.height, s.width, 3), config.runtime.ring_slots, block=self.no_drop)
         self._aborted = threading.Event()  # set by stop(): writers that wait (--no-drop) give up
@@ -140,7 +146,8 @@ class Node:
                 self.fps = self._source.fps or self.fps
                 options = dataclasses.replace(options, fps=self.fps)
                 self._capture = Capture(self._source, self.ring, c.source, width=self.width, height=self.height,
-                                        fps=self.fps, no_drop=self.no_drop, engine_ready=self.engine_ready)
+                                        fps=self.fps, no_drop=self.no_drop, engine_ready=self.engine_ready,
+                                        on_frame=self.control_maps.offer)
             for uri in c.sinks:
                 sink = create_sink(uri, options)
                 sink.open()
@@ -159,7 +166,8 @@ class Node:
             # A broken install must not run a show without its control surface.
             raise StartupError(f"OSC control cannot be loaded ({e}); reinstall streamnode, or run with --no-osc") from e
         self._osc = OscServer(self.config.osc, self.queue, self.status, live=self.live,
-                              max_brushes=self.config.runtime.max_brushes, max_loras=self.config.runtime.max_loras)
+                              max_brushes=self.config.runtime.max_brushes, max_loras=self.config.runtime.max_loras,
+                              max_controlnets=self.config.runtime.max_controlnets)
         try:
             self._osc.start()
         except OscStartError as e:
@@ -223,6 +231,8 @@ class Node:
                 thread.join(left(0.2))
         self.loader.close(min(0.1, left(0.2)))
         self.lora_loader.close(min(0.1, left(0.2)))
+        self.controlnet_loader.close(min(0.1, left(0.2)))
+        self.control_maps.close(min(0.5, left(0.3)))
         self.outputs.end()  # the engine thread does this too when it exits normally
         for slot in self.outputs.slots:
             if slot.thread is not None:
@@ -248,6 +258,7 @@ class Node:
                 thread.join(1.0)
         self.outputs.end()
         self.mask_channels.close()
+        self.control_maps.close()
         engine, self.engine = self.engine, None
         if engine is not None:
             self._last_stats = dict(engine.stats)
@@ -429,6 +440,9 @@ class Node:
             },
             "brush_order": list(live.brush_order),
             "loras": {str(i): p.model_dump(mode="json") for i, p in live.loras.items()},
+            "controlnets": {str(i): p.model_dump(mode="json") for i, p in live.controlnets.items()},
+            "control_maps_in": self.control_maps.status(),
+            "control_map_errors": self.control_maps.errors(),
             "size": [self.width, self.height],
             "uptime_s": round(time.monotonic() - self._t_start, 2) if self._t_start else 0.0,
         }

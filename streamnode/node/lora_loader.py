@@ -8,7 +8,8 @@ between two frames to commit it (`update(lora=plan)`), reporting the update appl
 
 Light edits (a runtime-mode weight, on/off, clear) apply at once on the engine thread, unless
 heavy ones are still waiting: then they queue behind them, so edits apply in the order they came.
-One plan at a time, and the next is made only after the engine thread committed the last
+The same loader, as the `controlnet-loader` thread, loads ControlNets (`Engine.prepare_controlnet()`,
+a new `/controlnet/N/model`). One plan at a time, and the next is made only after the engine thread committed the last
 (`committed()`), so each plan is made on the stack the previous one left. A newer edit of the
 same (index, field) replaces a queued one (a fader's intermediate values are never merged).
 """
@@ -42,9 +43,11 @@ class Planned:
 
 
 class LoraLoader:
-    """Plans heavy LoRA edits on its own thread; the engine thread polls `take()` between frames."""
+    """Plans heavy LoRA edits (or, with `group="controlnet"`, ControlNet loads) on its own thread;
+    the engine thread polls `take()` between frames."""
 
-    def __init__(self) -> None:
+    def __init__(self, group: str = "lora") -> None:
+        self.group = group
         self._cond = threading.Condition()
         self._pending: OrderedDict[str, LoraJob] = OrderedDict()
         self._done: list[Planned] = []
@@ -68,7 +71,7 @@ class LoraLoader:
                 self.replaced += 1
             self._pending[job.update.slot] = job
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._work, name="lora-loader", daemon=True)
+                self._thread = threading.Thread(target=self._work, name=f"{self.group}-loader", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
 
@@ -98,9 +101,10 @@ class LoraLoader:
                 _, job = self._pending.popitem(last=False)
                 self._working = True
             try:
-                result = Planned(job, plan=job.engine.prepare_lora(job.edit))
-            except Exception as e:  # noqa: BLE001 - a bad LoRA is reported, never fatal
-                logger.debug("LoRA edit %s failed to plan", job.edit, exc_info=True)
+                prepare = job.engine.prepare_lora if self.group == "lora" else job.engine.prepare_controlnet
+                result = Planned(job, plan=prepare(job.edit))
+            except Exception as e:  # noqa: BLE001 - a bad LoRA or ControlNet is reported, never fatal
+                logger.debug("%s edit %s failed to plan", self.group, job.edit, exc_info=True)
                 result = Planned(job, error=str(e) or type(e).__name__)
             with self._cond:
                 self._working = False

@@ -45,9 +45,9 @@ class Loaded:
 
 def replay(engine: Engine, state: LiveState) -> None:
     """Put `state` onto a fresh engine: its parameters at once, then every brush in cover order,
-    then every LoRA (read again for this engine's UNet, here on the loader thread). A LoRA that
-    does not fit the new model (made for another base) is left out with one log line: the switch
-    goes on without it."""
+    then every LoRA and ControlNet (read again for this engine's UNet, here on the loader thread).
+    One that does not fit the new model (made for another base) is left out with one log line: the
+    switch goes on without it."""
     engine.prepare(state.params)
     for index in state.brush_order:
         engine.update(brush=(index, state.brushes[index].edit()))
@@ -56,6 +56,11 @@ def replay(engine: Engine, state: LiveState) -> None:
             engine.update(lora=(index, lora.model_dump()))
         except ValueError as e:
             logger.warning("model switch: LoRA %d (%s) left out: %s", index, lora.source, e)
+    for index, net in state.controlnets.items():
+        try:
+            engine.update(controlnet=(index, net.model_dump()))
+        except ValueError as e:
+            logger.warning("model switch: ControlNet %d (%s) left out: %s", index, net.model, e)
 
 
 class ModelLoader:

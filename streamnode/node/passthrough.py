@@ -41,6 +41,8 @@ class PassThroughEngine:
     def update(self, **changes: Any) -> None:
         if "lora" in changes:
             self.prepare_lora(changes["lora"])
+        if "controlnet" in changes:
+            self.prepare_controlnet(changes["controlnet"])
         brush = changes.pop("brush", None)
         order = changes.pop("brush_order", None)
         state = self._live
@@ -90,6 +92,15 @@ class PassThroughEngine:
 
     def prepare_lora(self, edit: Any) -> Any:
         raise ValueError("the passthrough engine has no model: LoRAs need --engine stream")
+
+    def controlnet_heavy(self, edit: Any) -> bool:
+        return False
+
+    def prepare_controlnet(self, edit: Any) -> Any:
+        raise ValueError("the passthrough engine has no model: ControlNets need --engine stream")
+
+    def set_control_map(self, index: int, image: np.ndarray, *, derived: bool = False) -> None:
+        raise ValueError("the passthrough engine has no model: ControlNets need --engine stream")
 
     # -- frames
 
