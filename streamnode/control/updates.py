@@ -24,7 +24,7 @@ _GROUP_NAMES = frozenset(g.name for g in GROUPS)
 STATES = ("starting", "loading_model", "building_engine", "warming_up", "streaming", "paused", "error")
 """The node's lifecycle states: `Node.status()["state"]`, reported as /streamnode/state."""
 
-NODE_KEYS = frozenset({*NodeParams.model_fields, *(g.name for g in GROUPS)})
+NODE_KEYS = frozenset({*NodeParams.model_fields, *(g.name for g in GROUPS), "cue_next", "downbeat"})
 """Keys the node handles itself (the schema's NodeParams; the indexed groups', brush and lora, whose
 values are `(index, field, value)` tuples, field a BrushParams / LoraParams field or "clear")."""
 
@@ -34,6 +34,7 @@ class Update:
     key: str
     value: Any
     origin: str = ""  # the OSC address (or "cli") it came from, echoed back as applied/<origin>
+    quantize: str = ""  # a grid of its own (/at/<grid>/<address>): held until then; "" follows /quantize
 
     @property
     def slot(self) -> str:

@@ -24,6 +24,7 @@ from streamnode.live_params import MASK_SOURCES, LiveState
 from streamnode.log_limit import LogLimiter, held_text
 from streamnode.node.lora_loader import LoraJob
 from streamnode.node.model_switch import LoadJob
+from streamnode.node.tempo import TEMPO_KEYS
 
 if TYPE_CHECKING:
     from streamnode.node.lifecycle import Node
@@ -52,15 +53,21 @@ class Applier:
             node.publish_live()
         self._commit_planned_loras()
         for update in node.queue.drain():
-            try:
-                self.apply(update)
-            except Deferred:
-                continue
-            except Exception as e:  # noqa: BLE001 - a bad value is reported, never fatal
-                self.failed(update, str(e) or type(e).__name__)
-                continue
-            node.publish_live()  # before the report: whoever hears of it reads the new state
-            node.queue.report(update)
+            if not node.tempo.hold(update):  # a quantized change waits for its beat (node/tempo.py)
+                self.apply_one(update)
+
+    def apply_one(self, update: Update) -> None:
+        """Apply one update and report it (applied, or why not)."""
+        node = self.node
+        try:
+            self.apply(update)
+        except Deferred:
+            return
+        except Exception as e:  # noqa: BLE001 - a bad value is reported, never fatal
+            self.failed(update, str(e) or type(e).__name__)
+            return
+        node.publish_live()  # before the report: whoever hears of it reads the new state
+        node.queue.report(update)
 
     def failed(self, update: Update, reason: str) -> None:
         node = self.node
@@ -90,6 +97,10 @@ class Applier:
             self.apply_brush(value, engine)
         elif key == "lora":
             self.apply_lora(update, engine)
+        elif key in TEMPO_KEYS:
+            node.tempo.apply(update, self)
+            if key not in ("cue", "cue_next"):
+                return  # tempo settings, LFOs, cues: the look is still the preset's
         else:
             raise ValueError(f"unknown control key {key!r}")
         if node.switches.preset:
@@ -118,6 +129,7 @@ class Applier:
         for index, fields in wanted.items():
             if state.loras.get(index) is None or state.loras[index].model_dump() != fields:
                 self.apply_lora(Update("lora", (index, fields), origin=""), engine, deferred_ok=True)
+        node.tempo.replace_all(cfg.lfos, cfg.cues)
         node.set_switches(preset=name)
         now = node.config
         fixed = [k for k in ("width", "height", "frame_buffer_size", "cfg_type", "mode")

@@ -119,6 +119,7 @@ class EngineLoop:
                     continue
                 image, tags, pending = batch, pending, []
             self.last_input = image
+            node.tempo.before_call(self.applier)
             out = self._call(image)
             if out is None:
                 continue
@@ -149,6 +150,7 @@ class EngineLoop:
             if node.switches.pause:
                 continue
             t_capture = time.monotonic_ns()
+            node.tempo.before_call(self.applier)
             out = self._call(None)
             if out is not None:
                 rows = out.shape[0] if out.ndim == 4 else 1

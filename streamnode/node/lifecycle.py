@@ -34,6 +34,8 @@ from streamnode.node.metrics import LatencyWindow, RateMeter
 from streamnode.node.model_switch import ModelLoader
 from streamnode.node.presenter import GroupPresenter
 from streamnode.node.sinks import Outputs, SinkWorker, close_quietly, make_slot
+from streamnode.node.tempo import Tempo, make_clock
+from streamnode.tempo.clock import Clock
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +60,8 @@ class Node:
     sink thread its slot's counters; the one output writer `frames_out`.
     """
 
-    def __init__(self, config: NodeConfig, *, engine_factory: EngineFactory | None = None) -> None:
+    def __init__(self, config: NodeConfig, *, engine_factory: EngineFactory | None = None,
+                 clock: Clock | None = None) -> None:
         self.config = config
         self.engine_factory: EngineFactory = engine_factory or self._build_engine
         self._progress: Callable[[Any], None] | None = None
@@ -73,7 +76,11 @@ class Node:
         self._fatal: str | None = None
         self.engine: Engine | None = None
         self._last_stats: dict[str, int] = {}  # the engine's counters after it was closed
-        self.switches = NodeParams()
+        t = config.tempo
+        self.switches = NodeParams(bpm=t.bpm, quantize=t.quantize, cue_every=t.cue_every)
+        self._own_clock = clock is None  # made from config.tempo at start (Link joins the network then)
+        self.tempo = Tempo(self, clock)
+        self._surfaces: Any = None
         self._live = LiveState()
         self.mask_channels = MaskChannels()
         self.loader = ModelLoader(lambda cfg: self.engine_factory(cfg))
@@ -115,9 +122,11 @@ class Node:
         self._t_start = time.monotonic()
         try:
             self._open_transports()
+            self._start_tempo()
             self._start_osc()
         except BaseException:
             self._close_transports()
+            self.tempo.close()
             raise
         self._spawn("engine", self._engine_loop.run, self._engine_stop, restart=False)
         if self.presenter is not None:
@@ -150,6 +159,23 @@ class Node:
         except OSError as e:
             raise StartupError(f"{e}") from None
 
+    def _start_tempo(self) -> None:
+        """The clock the config asks for, and the MIDI and Art-Net surfaces (control/surfaces.py)."""
+        if self._own_clock and self.config.tempo.source != "internal":
+            try:
+                self.tempo.clock = make_clock(self.config)
+            except RuntimeError as e:
+                raise StartupError(str(e)) from None
+        from streamnode.node.surfaces import Surfaces
+
+        self._surfaces = Surfaces(self.config, self.queue, live=self.live, clock=self.tempo.clock)
+        try:
+            self._surfaces.open()
+        except (OSError, ValueError, RuntimeError) as e:
+            raise StartupError(str(e)) from None
+        for name, work in self._surfaces.workers():
+            self._spawn(name, work, self._surfaces.stop_event, restart=True)
+
     def _start_osc(self) -> None:
         if not self.config.osc.enabled:
             return
@@ -158,8 +184,10 @@ class Node:
         except ImportError as e:
             # A broken install must not run a show without its control surface.
             raise StartupError(f"OSC control cannot be loaded ({e}); reinstall streamnode, or run with --no-osc") from e
+        rt = self.config.runtime
         self._osc = OscServer(self.config.osc, self.queue, self.status, live=self.live,
-                              max_brushes=self.config.runtime.max_brushes, max_loras=self.config.runtime.max_loras)
+                              max_brushes=rt.max_brushes, max_loras=rt.max_loras,
+                              limits={"lfo": rt.max_lfos, "cues": rt.max_cues}, beat=self.tempo.position)
         try:
             self._osc.start()
         except OscStartError as e:
@@ -238,6 +266,9 @@ class Node:
         if self._osc is not None:
             self._osc.stop(max(0.2, left()))
             self._osc = None
+        if self._surfaces is not None:
+            self._surfaces.close(min(0.5, left()))
+        self.tempo.close()
         logger.info("stopped: %s", self.summary())
 
     def finish_output(self) -> None:
@@ -305,7 +336,8 @@ class Node:
                     brush = brushes[index]
                     brushes[index] = BrushState(brush.params.model_copy(update={"shm": uri}), brush.mask_array)
             state = state.replace(brushes=brushes)
-        self._live = state.replace(node=self.switches.model_copy(update={"model": self.config.model.id}))
+        self._live = state.replace(node=self.switches.model_copy(update={"model": self.config.model.id}),
+                                   lfos=self.tempo.lfos, cues=self.tempo.cues)
 
     def live(self) -> LiveState:
         """Every live value in force (immutable; any thread)."""
@@ -346,6 +378,11 @@ class Node:
         self._error = message
         self._state = "error"
         self._fatal = message
+
+    @property
+    def engine_ms(self) -> float:
+        """The engine call time, smoothed (0 before the second call): the tempo's lookahead."""
+        return self._engine_ms
 
     @property
     def frames_in(self) -> int:

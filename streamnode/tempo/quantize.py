@@ -22,7 +22,6 @@ from typing import Generic, TypeVar
 
 from streamnode.live_params import QUANTIZE_MODES
 
-
 _EPS = 1e-9
 T = TypeVar("T")
 

@@ -1,0 +1,207 @@
+"""The node's tempo (engine thread): the clock, the changes held for the beat, the LFOs and the
+cue list.
+
+Right before each engine call `before_call()` asks the clock where the music will be when this
+call's frame leaves the node (now + the lookahead: the engine's measured call time plus
+`tempo.lookahead_ms`), then
+
+1. releases the quantized changes whose grid line that position has reached, through the
+   applier like any other update (validated, reported, echoed);
+2. steps the cue list when a `cue_every`-bar line has passed;
+3. sets every running LFO's target to the LFO's value at that position.
+
+The LFOs and the cue list are the node's own live values: this object is their only writer and
+the node lays them over the `LiveState` it publishes (`/lfo/N/...`, `/cues/N/...` in OSC,
+OSCQuery and presets). docs/tempo.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from streamnode.control.updates import Update
+from streamnode.live_params import CueParams, LfoParams, NumericTarget, validated
+from streamnode.log_limit import LogLimiter, held_text
+from streamnode.tempo import cues as cue_list
+from streamnode.tempo import lfo as lfos
+from streamnode.tempo.clock import Clock, InternalClock, Position
+from streamnode.tempo.quantize import Quantizer, grid_beats
+
+if TYPE_CHECKING:
+    from streamnode.node.apply import Applier
+    from streamnode.node.lifecycle import Node
+
+logger = logging.getLogger(__name__)
+
+UNQUANTIZED = frozenset({"bpm", "quantize", "midi_learn", "downbeat", "cue_every", "model"})
+"""Keys that act at once even while /quantize is on (tempo controls; a model load takes long anyway)."""
+TEMPO_KEYS = frozenset({"bpm", "quantize", "cue", "cue_every", "cue_next", "downbeat", "midi_learn", "lfo", "cues"})
+"""The update keys this object applies."""
+
+
+def make_clock(config: Any) -> Clock:
+    """The clock `config.tempo` asks for (a missing binding raises with the fix)."""
+    t = config.tempo
+    if t.source == "link":
+        from streamnode.tempo.link import LinkClock
+
+        return LinkClock(t.bpm, t.beats_per_bar)
+    if t.source == "midi":
+        from streamnode.tempo.midi_clock import MidiClock
+
+        return MidiClock(t.bpm, t.beats_per_bar)
+    return InternalClock(t.bpm, t.beats_per_bar)
+
+
+class Tempo:
+    def __init__(self, node: Node, clock: Clock | None = None) -> None:
+        self.node = node
+        self.clock: Clock = clock or InternalClock(node.config.tempo.bpm, node.config.tempo.beats_per_bar)
+        self.held: Quantizer[Update] = Quantizer()
+        self.lfos: Mapping[int, LfoParams] = {i: LfoParams(**c.model_dump()) for i, c in enumerate(node.config.lfos)}
+        self.cues: Mapping[int, CueParams] = {i: CueParams(**c.model_dump()) for i, c in enumerate(node.config.cues)}
+        self._targets: dict[int, NumericTarget | None] = {i: lfos.target_of(p) for i, p in self.lfos.items()}
+        self._origin = time.monotonic()  # Hz LFOs count seconds from here
+        self._bar: float | None = None  # where the last call was, for cue_every
+        self._log_limit = LogLimiter()
+
+    @property
+    def beats_per_bar(self) -> int:
+        return int(getattr(self.clock, "beats_per_bar", self.node.config.tempo.beats_per_bar))
+
+    def lookahead_s(self) -> float:
+        """How long before its beat a change must be applied to leave the node on it."""
+        return (self.node.engine_ms + self.node.config.tempo.lookahead_ms) / 1000.0
+
+    def position(self, t: float | None = None) -> Position:
+        """Where the music is (any thread: the clock's `at` is)."""
+        return self.clock.at(time.monotonic() if t is None else t)
+
+    # -- held changes
+
+    def hold(self, update: Update) -> bool:
+        """Hold `update` for its grid line if it is quantized (its own grid, else the node's);
+        True when held. Engine thread."""
+        mode = update.quantize or self.node.switches.quantize
+        if mode == "off" or update.key in UNQUANTIZED:
+            return False
+        grid = grid_beats(mode, self.beats_per_bar)
+        assert grid is not None
+        ahead = self.clock.at(time.monotonic() + self.lookahead_s())
+        self.held.hold(update.slot, update, grid, ahead.beat)
+        return True
+
+    # -- once per engine call
+
+    def before_call(self, applier: Applier) -> None:
+        """Release due changes, step the cues, drive the LFOs (engine thread, before a call)."""
+        now = time.monotonic()
+        t = now + self.lookahead_s()
+        at = self.clock.at(t)
+        for held in self.held.due(at.beat):
+            applier.apply_one(held.item)
+        bar = at.beat / self.beats_per_bar
+        every = self.node.switches.cue_every
+        if self._bar is not None and cue_list.due_steps(self._bar, bar, every):
+            applier.apply_one(Update("cue_next", None, origin="/cue_every"))
+        self._bar = bar
+        if self.lfos and self._drive(at.beat, t - self._origin):
+            self.node.publish_live()
+
+    def _drive(self, beat: float, seconds: float) -> bool:
+        engine = self.node.engine
+        if engine is None:
+            return False
+        changed = False
+        for index, params in self.lfos.items():
+            target = self._targets.get(index)
+            if target is None:
+                continue
+            value = lfos.value(params, target, beat, seconds, salt=index)
+            try:
+                if target.index is None:
+                    engine.update(**{target.key: value})
+                elif target.key == "brush":
+                    engine.update(brush=(target.index, target.field, value))
+                else:  # lora weight: runtime mode only (a merged LoRA re-merges off-thread: not per frame)
+                    edit = (target.index, target.field, value)
+                    if engine.lora_heavy(edit):
+                        raise ValueError("a merged LoRA's weight cannot follow an LFO; use model.lora_mode runtime")
+                    engine.update(lora=edit)
+                changed = True
+            except Exception as e:  # noqa: BLE001 - a target that does not exist yet: logged, skipped
+                if (held := self._log_limit(f"lfo:{index}")) is not None:
+                    logger.warning("LFO %d cannot drive %s: %s%s", index, params.target, e, held_text(held))
+        return changed
+
+    # -- the tempo's own updates (Applier.apply hands them here)
+
+    def apply(self, update: Update, applier: Applier) -> None:
+        key, value = update.key, update.value
+        node = self.node
+        if key == "bpm":
+            setter = getattr(self.clock, "set_bpm", None)
+            if setter is not None:
+                setter(float(value))
+            node.set_switches(bpm=float(value))
+        elif key in ("quantize", "cue_every", "midi_learn"):
+            node.set_switches(**{key: value})
+        elif key == "downbeat":
+            downbeat = getattr(self.clock, "downbeat", None)
+            if downbeat is not None:
+                downbeat()
+        elif key == "cue_next":
+            following = cue_list.next_index(self.cues, node.switches.cue)
+            if following is None:
+                raise ValueError("the cue list is empty: add cues with /cues/N/prompt")
+            self.go_to(following)
+        elif key == "cue":
+            self.go_to(int(value))
+        elif key == "lfo":
+            self.lfos = self._edit(self.lfos, LfoParams, value, node.config.runtime.max_lfos, "lfo")
+            self._targets = {i: lfos.target_of(p) for i, p in self.lfos.items()}
+            node.publish_live()
+        elif key == "cues":
+            self.cues = self._edit(self.cues, CueParams, value, node.config.runtime.max_cues, "cue")
+            node.publish_live()
+        else:
+            raise ValueError(f"unknown tempo key {key!r}")
+
+    def go_to(self, index: int) -> None:
+        cue = self.cues.get(index)
+        if cue is None:
+            raise ValueError(f"cue {index} does not exist (cues: {sorted(self.cues) or 'none'})")
+        engine = self.node.engine
+        assert engine is not None
+        for name, value in cue_list.changes(cue).items():
+            engine.update(**{name: value})
+        self.node.set_switches(cue=index)
+
+    @staticmethod
+    def _edit(members: Mapping[int, Any], model: type, value: Any, limit: int, noun: str) -> dict[int, Any]:
+        """An indexed-group edit ((index, field or "clear", value) or (index, {fields})) → the new members."""
+        index = int(value[0])
+        if not 0 <= index < limit:
+            raise ValueError(f"{noun} {value[0]}: use 0..{limit - 1}")
+        out = dict(members)
+        if isinstance(value[1], dict):
+            out[index] = validated(model, value[1])
+        elif value[1] == "clear":
+            out.pop(index, None)
+        else:
+            current = out.get(index) or model()
+            out[index] = validated(model, {**current.model_dump(), value[1]: value[2]})
+        return out
+
+    def replace_all(self, lfo_list: list[Any], cue_items: list[Any]) -> None:
+        """A preset's LFOs and cues replace the current ones."""
+        self.lfos = {i: LfoParams(**c.model_dump()) for i, c in enumerate(lfo_list)}
+        self._targets = {i: lfos.target_of(p) for i, p in self.lfos.items()}
+        self.cues = {i: CueParams(**c.model_dump()) for i, c in enumerate(cue_items)}
+        self.node.publish_live()
+
+    def close(self) -> None:
+        self.clock.close()
