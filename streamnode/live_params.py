@@ -494,6 +494,13 @@ class NodeParams(_Frozen):
         "empty: off. The mapping is saved in the user config folder.",
     )
 
+    @field_validator("midi_learn")
+    @classmethod
+    def _an_address(cls, v: str) -> str:
+        if v and (not v.startswith("/") or any(c.isspace() for c in v)):
+            raise ValueError("must be an OSC address such as /guidance (empty: learn mode off)")
+        return v
+
 
 class BrushParams(_Frozen):
     """One regional prompt ("semantic brush"), docs/regions.md; OSC `/brush/N/<name>`. Its mask

@@ -10,8 +10,9 @@ the error. The values in force are not kept here: the engine and the node report
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from streamnode.live_params import GROUPS, LiveParams, NodeParams
@@ -35,6 +36,8 @@ class Update:
     value: Any
     origin: str = ""  # the OSC address (or "cli") it came from, echoed back as applied/<origin>
     quantize: str = ""  # a grid of its own (/at/<grid>/<address>): held until then; "" follows /quantize
+    at: float = field(default_factory=time.monotonic, compare=False)
+    """When it arrived: a quantized change waits for the grid line after its arrival (node/tempo.py)."""
 
     @property
     def slot(self) -> str:

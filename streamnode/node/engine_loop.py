@@ -101,6 +101,9 @@ class EngineLoop:
             if self._between_frames() or history.maxlen != self._engine().delay_calls + 1:
                 history = deque(history, maxlen=self._engine().delay_calls + 1)
             frame = get(TICK_S)
+            # Right before the call (a frame is here): held changes due on the beat, LFOs. Also
+            # while paused, bypassed or waiting for a frame: a held change is never stuck.
+            node.tempo.before_call(self.applier)
             if frame is None:
                 if ring.ended:
                     break
@@ -119,7 +122,6 @@ class EngineLoop:
                     continue
                 image, tags, pending = batch, pending, []
             self.last_input = image
-            node.tempo.before_call(self.applier)
             out = self._call(image)
             if out is None:
                 continue
@@ -147,10 +149,10 @@ class EngineLoop:
         while not stop.wait(max(0.0, next_due - time.monotonic())) and not node.outputs.complete.is_set():
             next_due = max(next_due + interval, time.monotonic() - interval)
             self._between_frames()
+            node.tempo.before_call(self.applier)
             if node.switches.pause:
                 continue
             t_capture = time.monotonic_ns()
-            node.tempo.before_call(self.applier)
             out = self._call(None)
             if out is not None:
                 rows = out.shape[0] if out.ndim == 4 else 1

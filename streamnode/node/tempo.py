@@ -90,7 +90,10 @@ class Tempo:
             return False
         grid = grid_beats(mode, self.beats_per_bar)
         assert grid is not None
-        ahead = self.clock.at(time.monotonic() + self.lookahead_s())
+        # The line after where the music will be when a frame started at its arrival leaves: a
+        # change that arrived in time for a line is not pushed a whole grid step by the wait
+        # for the frame boundary (it is released at once, then, at most one call late).
+        ahead = self.clock.at(update.at + self.lookahead_s())
         self.held.hold(update.slot, update, grid, ahead.beat)
         return True
 
@@ -105,7 +108,7 @@ class Tempo:
             applier.apply_one(held.item)
         bar = at.beat / self.beats_per_bar
         every = self.node.switches.cue_every
-        if self._bar is not None and cue_list.due_steps(self._bar, bar, every):
+        if self._bar is not None and self.cues and cue_list.due_steps(self._bar, bar, every):
             applier.apply_one(Update("cue_next", None, origin="/cue_every"))
         self._bar = bar
         if self.lfos and self._drive(at.beat, t - self._origin):

@@ -2,9 +2,9 @@
 by the lookahead, so the frame that carries it leaves the node on the beat.
 
 The grid: `beat` every beat, `bar` every beats_per_bar beats, `2bars`/`4bars`/`8bars`. An
-update held at time t is due on the first grid line after the beat it will be when a frame
-started now leaves the node (`clock.at(t + lookahead)`): a change that can no longer make the
-coming line waits for the next one instead of landing late. It is released at the first frame
+update that arrived at time t is due on the first grid line after the beat it would be when a
+frame started at t leaves the node (`clock.at(t + lookahead)`): a change that could not make
+the coming line even then waits for the next one instead of landing late. It is released at the first frame
 boundary where `clock.at(now + lookahead).beat` has reached that line; the lookahead is the
 engine's measured call time (the node keeps it up to date), so the released change rides the
 frame that comes out at the line.
