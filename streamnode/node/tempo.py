@@ -2,8 +2,8 @@
 cue list.
 
 Right before each engine call `before_call()` asks the clock where the music will be when this
-call's frame leaves the node (now + the lookahead: the engine's measured call time plus
-`tempo.lookahead_ms`), then
+call's frame leaves the node (now + the engine's measured call time + `tempo.lookahead_ms`;
+for releasing changes, plus half a frame-boundary step: the lookahead), then
 
 1. releases the quantized changes whose grid line that position has reached, through the
    applier like any other update (validated, reported, echoed);
@@ -66,15 +66,24 @@ class Tempo:
         self._targets: dict[int, NumericTarget | None] = {i: lfos.target_of(p) for i, p in self.lfos.items()}
         self._origin = time.monotonic()  # Hz LFOs count seconds from here
         self._bar: float | None = None  # where the last call was, for cue_every
+        self._last_call: float | None = None
+        self._period = 0.0  # smoothed time between two frame boundaries
         self._log_limit = LogLimiter()
 
     @property
     def beats_per_bar(self) -> int:
         return int(getattr(self.clock, "beats_per_bar", self.node.config.tempo.beats_per_bar))
 
-    def lookahead_s(self) -> float:
-        """How long before its beat a change must be applied to leave the node on it."""
+    def latency_s(self) -> float:
+        """How long after now a frame whose call starts now leaves the node: the engine's measured
+        call time plus `tempo.lookahead_ms`."""
         return (self.node.engine_ms + self.node.config.tempo.lookahead_ms) / 1000.0
+
+    def lookahead_s(self) -> float:
+        """How long before its beat a change is released: the latency, plus half the time between
+        two frame boundaries, so the change rides whichever boundary's frame leaves nearest the
+        beat (early or late by at most half a boundary step) rather than always the one after."""
+        return self.latency_s() + self._period / 2.0
 
     def position(self, t: float | None = None) -> Position:
         """Where the music is (any thread: the clock's `at` is)."""
@@ -102,16 +111,21 @@ class Tempo:
     def before_call(self, applier: Applier) -> None:
         """Release due changes, step the cues, drive the LFOs (engine thread, before a call)."""
         now = time.monotonic()
-        t = now + self.lookahead_s()
-        at = self.clock.at(t)
-        for held in self.held.due(at.beat):
-            applier.apply_one(held.item)
-        bar = at.beat / self.beats_per_bar
+        if self._last_call is not None and now - self._last_call < 1.0:
+            dt = now - self._last_call
+            self._period = dt if self._period == 0.0 else 0.9 * self._period + 0.1 * dt
+        self._last_call = now
+        ahead = self.clock.at(now + self.lookahead_s())
+        if len(self.held):
+            for held in self.held.due(ahead.beat):
+                applier.apply_one(held.item)
+        bar = ahead.beat / self.beats_per_bar
         every = self.node.switches.cue_every
         if self._bar is not None and self.cues and cue_list.due_steps(self._bar, bar, every):
             applier.apply_one(Update("cue_next", None, origin="/cue_every"))
         self._bar = bar
-        if self.lfos and self._drive(at.beat, t - self._origin):
+        t = now + self.latency_s()  # when this call's frame leaves: the LFOs' time
+        if self.lfos and self._drive(self.clock.at(t).beat, t - self._origin):
             self.node.publish_live()
 
     def _drive(self, beat: float, seconds: float) -> bool:
