@@ -145,6 +145,9 @@ def test_tempo_addresses_step_cues_hold_one_change_for_its_beat_and_refuse_a_bad
     assert rig.live().params.prompt == "a red fox"
     s.send("/downbeat")
     rig.wait_applied("downbeat")
+    bar, beat, bpm = s.wait_for("/streamnode/beat", timeout=2.0)  # a beat every 0.5 s at 120 bpm
+    assert 0 <= beat < 4 and bar >= 0 and bpm == pytest.approx(120.0)
+    assert rig.node.status()["tempo"]["source"] == "internal"
     beat_s = 60.0 / rig.live().node.bpm
     t_sent = time.monotonic()
     s.send("/at/beat/guidance", 4.0)

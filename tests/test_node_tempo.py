@@ -120,3 +120,23 @@ def test_the_cue_list_steps_on_cue_next_and_by_number(node) -> None:  # noqa: AN
     assert n.live().params.prompt == "a blue owl" and n.live().params.seed == 11  # seed -1 keeps it
     n.queue.put(Update("cue", 0, origin="/cue"))
     wait_for(lambda: n.live().params.prompt == "a red fox", 5.0, "back to cue 0")
+
+
+def test_a_preset_brings_its_lfos_and_cues(node, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    n, _ = node
+    monkeypatch.setenv("STREAMNODE_PRESETS", str(tmp_path))
+    (tmp_path / "beats.toml").write_text('[model]\nid = "tiny"\n\n[[lfos]]\ntarget = "/delta"\nshape = "saw"\n'
+                                         'depth = 0.5\noffset = 1.0\n\n[[cues]]\nprompt = "a cave"\n')
+    n.queue.put(Update("lfo", (3, {"target": "/guidance", "offset": 2.0}), origin="/lfo/3"))
+    wait_for(lambda: 3 in n.live().lfos, 5.0, "an LFO of our own")
+    n.queue.put(Update("preset", "beats", origin="/preset"))
+    wait_for(lambda: n.live().node.preset == "beats", 5.0, "the preset in force")
+    live = n.live()
+    assert list(live.lfos) == [0] and live.lfos[0].target == "/delta", "the preset's LFOs replace the others"
+    assert [c.prompt for c in live.cues.values()] == ["a cave"]
+    deltas = set()
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline and len(deltas) < 3:
+        deltas.add(round(n.live().params.delta, 3))
+        time.sleep(0.02)
+    assert len(deltas) >= 3 and all(0.5 <= d <= 1.5 for d in deltas), deltas

@@ -466,6 +466,7 @@ class Node:
             },
             "brush_order": list(live.brush_order),
             "loras": {str(i): p.model_dump(mode="json") for i, p in live.loras.items()},
+            "tempo": self.tempo.status(),
             "size": [self.width, self.height],
             "uptime_s": round(time.monotonic() - self._t_start, 2) if self._t_start else 0.0,
         }

@@ -89,6 +89,13 @@ class Tempo:
         """Where the music is (any thread: the clock's `at` is)."""
         return self.clock.at(time.monotonic() if t is None else t)
 
+    def status(self) -> dict[str, Any]:
+        """The clock and what waits for it, for `Node.status()` (any thread: reads snapshots)."""
+        position = self.position()
+        return {"source": self.clock.name, "bpm": round(position.bpm, 3), "bar": position.bar,
+                "beat": position.beat_in_bar, "playing": position.playing, "held": len(self.held),
+                "lfos": len(self.lfos), "cues": len(self.cues)}
+
     # -- held changes
 
     def hold(self, update: Update) -> bool:
