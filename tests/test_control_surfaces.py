@@ -7,7 +7,9 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from types import SimpleNamespace as Msg
+from typing import Any
 
 import pytest
 from support import wait_for
@@ -131,3 +133,80 @@ def test_malformed_artnet_packets_are_logged_once_and_the_receiver_goes_on(artne
     causes = [r.getMessage() for r in caplog.records]
     assert 1 <= len(causes) <= 5, causes  # one line per cause, not per packet
     assert parse(artdmx(3, b"\x01\x02"), ).data == b"\x01\x02"
+
+
+def test_a_node_whose_midi_devices_are_missing_streams_and_says_so_once(caplog) -> None:  # noqa: ANN001
+    pytest.importorskip("mido", reason="pip install 'streamnode[tempo]'")
+    from support import small_config
+
+    from streamnode.node import Node
+
+    caplog.set_level(logging.WARNING, logger="streamnode.tempo.midi_ports")
+    config = small_config(**{"runtime.engine": "passthrough", "tempo.source": "midi",
+                             "tempo.midi_clock_port": "no clock here", "midi.port": "no knobs here",
+                             "midi.mapping": "/nonexistent/midi-map.json"})
+    node = Node(config)
+    node.start()
+    try:
+        wait_for(lambda: node.frames_out > 10, 10.0, "frames")
+        wait_for(lambda: len(caplog.records) >= 2, 5.0, "both ports' failures")
+        frames = node.frames_out
+        wait_for(lambda: node.frames_out > frames + 10, 5.0, "frames still flowing")
+        status = node.status()
+        assert status["state"] == "streaming" and status["tempo"]["source"] == "midi"
+    finally:
+        node.stop()
+    assert not node.busy_threads(), "the MIDI readers end with the node"
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and any("no clock here" in m for m in lines) and any("no knobs here" in m for m in lines)
+
+
+def test_a_midi_device_unplugged_while_playing_is_logged_once_and_picked_up_again(monkeypatch, caplog) -> None:  # noqa: ANN001
+    """mido is replaced by a stand-in whose device list changes, as a real one does when a cable
+    is pulled: what is tested is how the reader notices and recovers."""
+    from streamnode.tempo import midi_ports
+
+    class Port:
+        def __init__(self) -> None:
+            self.pending = [Msg(type="control_change", channel=0, control=1, value=5)]
+
+        def iter_pending(self):  # noqa: ANN202
+            out, self.pending = self.pending, []
+            return out
+
+        def close(self) -> None:
+            pass
+
+    plugged = {"value": True}
+    opened: list[Port] = []
+
+    class Mido:
+        @staticmethod
+        def get_input_names() -> list[str]:
+            return ["nanoKONTROL2 MIDI 1"] if plugged["value"] else []
+
+        @staticmethod
+        def open_input(name: str) -> Port:
+            opened.append(Port())
+            return opened[-1]
+
+    monkeypatch.setattr(midi_ports, "_mido", lambda: Mido)
+    monkeypatch.setattr(midi_ports, "_PRESENT_CHECK_S", 0.05)
+    monkeypatch.setattr(midi_ports, "_BACKOFF_S", (0.05,))
+    caplog.set_level(logging.INFO, logger="streamnode.tempo.midi_ports")
+    got: list[Any] = []
+    stop = threading.Event()
+    thread = threading.Thread(target=midi_ports.read_port, args=("nanokontrol", stop, got.append))
+    thread.start()
+    try:
+        wait_for(lambda: len(got) == 1, 5.0, "the first message")
+        plugged["value"] = False
+        wait_for(lambda: any("unavailable" in r.getMessage() for r in caplog.records), 5.0, "the unplug noticed")
+        time.sleep(0.3)  # several retries while it is away
+        plugged["value"] = True
+        wait_for(lambda: len(got) == 2, 5.0, "messages again after the replug")
+    finally:
+        stop.set()
+        thread.join(5.0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("unavailable" in m for m in lines) == 1 and sum("is back" in m for m in lines) == 1, lines

@@ -241,6 +241,8 @@ class Node:
             return max(0.0, deadline - time.monotonic() - reserve)
 
         self._capture_stop.set()
+        if self._surfaces is not None:
+            self._surfaces.stop_event.set()  # MIDI and Art-Net readers: nothing more to the queue
         self.ring.close()
         self._engine_stop.set()
         self._aborted.set()
@@ -259,6 +261,8 @@ class Node:
         for slot in self.outputs.slots:
             if slot.thread is not None:
                 slot.thread.join(left(0.1))
+        if self._surfaces is not None:
+            self._surfaces.close(min(0.5, left(0.1)))
         stuck = self.busy_threads()
         if stuck:
             logger.warning("threads still busy at the shutdown deadline: %s", ", ".join(stuck))
@@ -266,8 +270,6 @@ class Node:
         if self._osc is not None:
             self._osc.stop(max(0.2, left()))
             self._osc = None
-        if self._surfaces is not None:
-            self._surfaces.close(min(0.5, left()))
         self.tempo.close()
         logger.info("stopped: %s", self.summary())
 

@@ -39,10 +39,11 @@ class Surfaces:
 
     def open(self) -> None:
         c = self.config
-        if c.midi.port:
-            from streamnode.tempo.midi_ports import input_names  # raises with the fix when mido is missing
+        if c.midi.port or c.tempo.source == "midi":
+            from streamnode.tempo.midi_ports import input_names
 
-            input_names()
+            input_names()  # mido missing: fails the start with the fix (a missing device is retried)
+        if c.midi.port:
             path = Path(c.midi.mapping).expanduser() if c.midi.mapping else default_mapping_path()
             self.midi = MidiMapper(self.queue, self.limits, path, live=self.live)
             self._workers.append((f"midi:{c.midi.port}", self._reader(c.midi.port, self.midi.handle)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 _POLL_S = 0.005  # a port is polled: mido's blocking iterator cannot see the stop Event
 _BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+_PRESENT_CHECK_S = 1.0  # while a port is quiet, how often to check it is still there
 
 
 class MidiUnavailable(RuntimeError):
@@ -63,10 +65,12 @@ def read_port(name: str, stop: threading.Event, on_message: Callable[[Any], None
     while not stop.is_set():
         port = None
         try:
-            port = mido.open_input(resolve(name, input_names()))
+            resolved = resolve(name, input_names())
+            port = mido.open_input(resolved)
             if failures:
                 logger.info("MIDI input %r is back", name)
             failures = 0
+            next_check = time.monotonic() + _PRESENT_CHECK_S
             while not stop.is_set():
                 drained = False
                 for message in port.iter_pending():
@@ -74,6 +78,11 @@ def read_port(name: str, stop: threading.Event, on_message: Callable[[Any], None
                     on_message(message)
                 if not drained:
                     stop.wait(_POLL_S)
+                    # An unplugged device often just goes quiet (ALSA, CoreMIDI): look for it.
+                    if time.monotonic() >= next_check:
+                        next_check = time.monotonic() + _PRESENT_CHECK_S
+                        if resolved not in input_names():
+                            raise OSError("the device is gone (unplugged?)")
         except MidiUnavailable:
             raise
         except Exception as e:  # noqa: BLE001 - an unplugged device: the node plays on
