@@ -596,7 +596,9 @@ class LfoParams(_Frozen):
     beats: float = Field(
         4.0, ge=1 / 16, le=64.0, json_schema_extra=osc("/lfo/N/beats"), description="LFO N cycle in beats (sync 1).",
     )
-    hz: float = Field(0.25, ge=0.001, le=30.0, json_schema_extra=osc("/lfo/N/hz"), description="LFO N rate (sync 0).")
+    hz: float = Field(
+        0.25, ge=0.0, le=30.0, json_schema_extra=osc("/lfo/N/hz"), description="LFO N rate in Hz (sync 0; 0 holds still).",
+    )
     depth: float = Field(
         0.0, ge=-1000.0, le=1000.0, json_schema_extra=osc("/lfo/N/depth"),
         description="LFO N depth, in the target's units (the wave's ±1 becomes ±depth).",

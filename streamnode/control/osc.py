@@ -392,7 +392,8 @@ def _build_addresses() -> list[Param]:
         param = _from_field(NodeParams, name, key=name)
         # No schema pass: the preset is looked up by name (listing the ones there are); a model id
         # is checked by the loader.
-        params.append(dataclasses.replace(param, schema=None, finish=param.finish or _FINISH.get(name),
+        params.append(dataclasses.replace(param, schema=None if name in ("preset", "model") else NodeParams,
+                                          finish=param.finish or _FINISH.get(name),
                                           default=None if name in ("preset", "model") else param.default))
     status = next(t for t in TRIGGERS if t.key == "status")
     params.append(Param(status.address, (), None, status.description, kind="trigger"))
