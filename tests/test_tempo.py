@@ -77,10 +77,16 @@ def test_lfo_value_follows_the_beat_or_the_seconds_and_stays_in_the_target_range
 
 def test_midi_clock_tempo_start_stop_and_song_position() -> None:
     clock = MidiClock(120.0)
-    clock.feed("start", 10.0)
     pulse = 60.0 / (128.0 * PPQN)
+    t = 9.0
+    for _ in range(PPQN):  # pulses while stopped: the tempo, not the beat
+        t += pulse
+        clock.feed("clock", t)
+    assert clock.at(t).bpm == pytest.approx(128.0, rel=0.01) and clock.at(t).beat == 0.0
     t = 10.0
-    for _ in range(2 * PPQN):  # two beats at 128 bpm, with a little jitter
+    clock.feed("start", t)
+    assert clock.at(t).beat == pytest.approx(-1 / PPQN)  # the first pulse after Start is beat 0
+    for _ in range(2 * PPQN + 1):  # two beats at 128 bpm, with a little jitter
         t += pulse * (1.0 + 0.05 * math.sin(t * 977.0))
         clock.feed("clock", t)
     p = clock.at(t)
@@ -90,7 +96,8 @@ def test_midi_clock_tempo_start_stop_and_song_position() -> None:
     assert not clock.at(t + 5.0).playing and clock.at(t + 5.0).beat == pytest.approx(2.0)
     clock.feed("songpos", t + 1.0, 32)  # 32 sixteenths = bar 2
     clock.feed("continue", t + 1.0)
-    assert clock.at(t + 1.0).beat == pytest.approx(8.0) and clock.at(t + 1.0).bar == 2
+    clock.feed("clock", t + 1.01)
+    assert clock.at(t + 1.01).beat == pytest.approx(8.0) and clock.at(t + 1.01).bar == 2
 
 
 def test_cue_list_steps_in_index_order_and_every_n_bars() -> None:

@@ -24,6 +24,7 @@ import struct
 import threading
 from dataclasses import dataclass
 
+from streamnode.config import ArtNetConfig
 from streamnode.control.mapping import Target
 from streamnode.control.osc import Limits, OscReject
 from streamnode.control.updates import ControlQueue
@@ -105,11 +106,11 @@ class ArtNetMapper:
         self.packets = self.malformed = self.handled = 0
 
     @classmethod
-    def from_config(cls, queue: ControlQueue, config: object, limits: Limits) -> ArtNetMapper:
-        cfg = config  # config.ArtNetConfig
+    def from_config(cls, queue: ControlQueue, cfg: ArtNetConfig, limits: Limits) -> ArtNetMapper:
+        """The mapper `artnet` in the config asks for; ValueError naming a channel that cannot be."""
         channels = []
-        for entry in cfg.channels:  # type: ignore[attr-defined]
-            offset = cfg.start_channel - 1 + entry.channel - 1  # type: ignore[attr-defined]
+        for entry in cfg.channels:
+            offset = cfg.start_channel - 1 + entry.channel - 1
             if offset + (2 if entry.bits == 16 else 1) > 512:
                 raise ValueError(f"artnet channel {entry.channel} ({entry.address}) lies beyond DMX channel 512")
             try:
@@ -117,7 +118,7 @@ class ArtNetMapper:
             except ValueError as e:
                 raise ValueError(f"artnet channel {entry.channel}: {e}") from None
             channels.append(Channel(offset, entry.bits, target))
-        return cls(queue, cfg.universe, channels)  # type: ignore[attr-defined]
+        return cls(queue, cfg.universe, channels)
 
     def handle(self, packet: bytes, host: str = "") -> None:
         try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from streamnode.control.osc import Limits, OscReject, Param, lookup, param_address
+from streamnode.control.osc import Limits, Param, lookup, param_address
 from streamnode.control.updates import Update
 
 
@@ -45,7 +45,7 @@ class Target:
 
     def value(self, fraction: float) -> Any:
         """The parameter's value at `fraction` (0..1) of the travel, converted and checked like
-        an OSC value (OscReject when the range given goes beyond the parameter's)."""
+        an OSC value (control.osc.OscReject when the range given goes beyond the parameter's)."""
         param = self.param
         if param.kind == "trigger":
             return param.convert([fraction])
@@ -68,5 +68,3 @@ class Target:
         return Update(param.key or "", (self.index, param.field, value) if self.index is not None else value,
                       origin=origin)
 
-
-__all__ = ["OscReject", "Target"]

@@ -53,7 +53,8 @@ class Node:
 
     `engine_factory(config)` builds an engine (default: `build_engine`, with TensorRT build
     progress shown on the console); the engine thread calls it at start, the model loader on
-    a model switch. `status()` and `live()` are safe to call from any thread.
+    a model switch. `clock` replaces the one `config.tempo` asks for (tests, benchmarks: a
+    clock whose beats fall at known times; docs/tempo.md). `status()` and `live()` are safe to call from any thread.
 
     Who writes what: the engine thread writes the engine, the switches (pause, bypass, preset),
     the published `LiveState`, the state and the error; the capture thread its counters; each

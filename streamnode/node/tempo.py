@@ -64,6 +64,7 @@ class Tempo:
         self.lfos: Mapping[int, LfoParams] = {i: LfoParams(**c.model_dump()) for i, c in enumerate(node.config.lfos)}
         self.cues: Mapping[int, CueParams] = {i: CueParams(**c.model_dump()) for i, c in enumerate(node.config.cues)}
         self._targets: dict[int, NumericTarget | None] = {i: lfos.target_of(p) for i, p in self.lfos.items()}
+        self._driven: dict[int, float | int] = {}  # the value each LFO last set
         self._origin = time.monotonic()  # Hz LFOs count seconds from here
         self._bar: float | None = None  # where the last call was, for cue_every
         self._last_call: float | None = None
@@ -145,6 +146,8 @@ class Tempo:
             if target is None:
                 continue
             value = lfos.value(params, target, beat, seconds, salt=index)
+            if self._driven.get(index) == value:
+                continue  # a square's flat half, an integer target between steps: nothing to do
             try:
                 if target.index is None:
                     engine.update(**{target.key: value})
@@ -155,6 +158,7 @@ class Tempo:
                     if engine.lora_heavy(edit):
                         raise ValueError("a merged LoRA's weight cannot follow an LFO; use model.lora_mode runtime")
                     engine.update(lora=edit)
+                self._driven[index] = value
                 changed = True
             except Exception as e:  # noqa: BLE001 - a target that does not exist yet: logged, skipped
                 if (held := self._log_limit(f"lfo:{index}")) is not None:
@@ -187,6 +191,7 @@ class Tempo:
         elif key == "lfo":
             self.lfos = self._edit(self.lfos, LfoParams, value, node.config.runtime.max_lfos, "lfo")
             self._targets = {i: lfos.target_of(p) for i, p in self.lfos.items()}
+            self._driven.clear()
             node.publish_live()
         elif key == "cues":
             self.cues = self._edit(self.cues, CueParams, value, node.config.runtime.max_cues, "cue")
@@ -224,6 +229,7 @@ class Tempo:
         """A preset's LFOs and cues replace the current ones."""
         self.lfos = {i: LfoParams(**c.model_dump()) for i, c in enumerate(lfo_list)}
         self._targets = {i: lfos.target_of(p) for i, p in self.lfos.items()}
+        self._driven.clear()
         self.cues = {i: CueParams(**c.model_dump()) for i, c in enumerate(cue_items)}
         self.node.publish_live()
 

@@ -40,31 +40,35 @@ class MidiClock:
         self.beats_per_bar = beats_per_bar
         self._anchor = _Anchor(time.monotonic(), 0, bpm, False)
         self._intervals: deque[float] = deque(maxlen=PPQN)
+        self._last_pulse = -1e9
 
     def feed(self, kind: str, t: float, value: int = 0) -> None:
         a = self._anchor
         if kind == "clock":
+            # Many sequencers send pulses while stopped too (the tempo, for the followers): the
+            # tempo follows them always, the beat only while playing.
+            dt = t - self._last_pulse
+            self._last_pulse = t
+            if 0.0 < dt < 60.0 / (MIN_BPM * PPQN):  # a gap longer than the slowest pulse restarts the mean
+                self._intervals.append(dt)
+            else:
+                self._intervals.clear()
+            bpm = a.bpm
+            if len(self._intervals) >= 2:
+                bpm = min(MAX_BPM, max(MIN_BPM, 60.0 / (PPQN * (sum(self._intervals) / len(self._intervals)))))
             if a.playing:
-                dt = t - a.t
-                if 0.0 < dt < 60.0 / (MIN_BPM * PPQN):  # a gap longer than the slowest pulse restarts the mean
-                    self._intervals.append(dt)
-                else:
-                    self._intervals.clear()
-                bpm = a.bpm
-                if len(self._intervals) >= 2:
-                    bpm = min(MAX_BPM, max(MIN_BPM, 60.0 / (PPQN * (sum(self._intervals) / len(self._intervals)))))
                 self._anchor = _Anchor(t, a.pulses + 1, bpm, True)
+            else:
+                self._anchor = _Anchor(a.t, a.pulses, bpm, False)
         elif kind == "start":
-            self._intervals.clear()
-            self._anchor = _Anchor(t, 0, a.bpm, True)
+            # The first pulse after Start (or Continue) is the position's own pulse: one before it until then.
+            self._anchor = _Anchor(t, -1, a.bpm, True)
         elif kind == "continue":
-            self._intervals.clear()
-            self._anchor = _Anchor(t, a.pulses, a.bpm, True)
+            self._anchor = _Anchor(t, a.pulses - 1, a.bpm, True)
         elif kind == "stop":
             self._anchor = _Anchor(t, a.pulses, a.bpm, False)
         elif kind == "songpos":
             # Song position pointer: sixteenth notes (6 pulses each) from the song's start.
-            self._intervals.clear()
             self._anchor = _Anchor(t, int(value) * 6, a.bpm, a.playing)
 
     def at(self, t: float) -> Position:
