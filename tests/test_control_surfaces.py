@@ -117,6 +117,16 @@ def test_artdmx_over_udp_drives_8_and_16_bit_channels_in_their_ranges(artnet) ->
     send(artdmx(3, bytes(data)))  # unchanged levels: nothing downstream
     wait_for(lambda: receiver.mapper.packets == 2, 5.0, "the repeat read")
     assert len(queue) == 0
+    data[9] = 0
+    send(artdmx(3, bytes(data), sequence=200))
+    wait_for(lambda: len(queue) == 1, 5.0, "the numbered packet")
+    assert [u.value for u in queue.drain()] == [0.0]
+    data[9] = 100
+    send(artdmx(3, bytes(data), sequence=199))  # overtaken on the way: older levels
+    send(artdmx(3, bytes(data), sequence=3))  # 200 → 255 → 3: newer, after the wrap
+    wait_for(lambda: receiver.mapper.packets == 4, 5.0, "the newer packet")
+    assert receiver.mapper.stale == 1
+    assert [u.value for u in queue.drain()] == [pytest.approx(20.0 * 100 / 255)]
 
 
 def test_malformed_artnet_packets_are_logged_once_and_the_receiver_goes_on(artnet, caplog) -> None:  # noqa: ANN001

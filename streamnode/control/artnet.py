@@ -8,6 +8,9 @@ our own, about thirty lines: a receiver is all the node needs, and the packet is
 send-only; stupidartnet's receiver is a thread that swallows malformed packets silently and
 keeps no per-cause log), so neither saves code or adds a check (docs/tempo.md).
 
+A numbered packet (Art-Net's sequence, 1..255) older than the last one read arrived late
+and is dropped, as the spec asks: its levels would step the parameter back.
+
 Channels map to addresses (config `artnet.channels`): 8-bit (0..255) or 16-bit (coarse, then
 fine: 0..65535) across the parameter's range or a `low..high` of its own. A channel is sent
 on only when its value changed since the last packet, and the updates go on the node's
@@ -102,8 +105,9 @@ class ArtNetMapper:
         self.universe = universe
         self.channels = channels
         self._last: dict[int, float] = {}
+        self._sequence = 0
         self._log_limit = LogLimiter()
-        self.packets = self.malformed = self.handled = 0
+        self.packets = self.malformed = self.handled = self.stale = 0
 
     @classmethod
     def from_config(cls, queue: ControlQueue, cfg: ArtNetConfig, limits: Limits) -> ArtNetMapper:
@@ -130,6 +134,12 @@ class ArtNetMapper:
             return
         if dmx is None or dmx.universe != self.universe:
             return
+        if dmx.sequence:  # 0: the sender does not number its packets
+            behind = (self._sequence - dmx.sequence) % 256
+            if self._sequence and 0 < behind < 128:
+                self.stale += 1  # overtaken on the way (UDP reorders): its levels are older
+                return
+            self._sequence = dmx.sequence
         self.packets += 1
         for channel in self.channels:
             fraction = channel.fraction(dmx.data)
