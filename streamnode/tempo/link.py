@@ -4,8 +4,8 @@ Link peer on the network.
 The binding is `linkpython-extern` (the `tempo` extra), chosen over `aalink` after trying both
 (docs/tempo.md): it wraps Link's session state as is, so the clock answers "which beat at time
 t" for any t (`beatAtTime`) from any thread without an event loop; aalink exposes the beat now
-and waits for beats through asyncio, which this threaded node would have to run a loop for and
-which cannot look ahead by the engine's latency.
+and waits for beats through asyncio: this threaded node would run an event loop for it and
+extrapolate the beat at now + the engine's latency itself.
 
 Link's clock is not `time.monotonic()`; `at(t)` converts through the offset between the two,
 read at each call (two cheap calls). Peers joining and leaving are logged (Link's own thread
