@@ -197,6 +197,7 @@ def update_cost(node: Node, phase_s: float, pairs: int, rate: float) -> dict[str
     tempo_time = Timed(node.tempo, "before_call")
     fps: dict[str, list[float]] = {"idle": [], "storm": []}
     control_ms: dict[str, list[float]] = {"idle": [], "storm": []}
+    queue_ms: dict[str, list[float]] = {"idle": [], "storm": []}  # the part applying queued updates
     rates: list[float] = []
     cpu_artnet: list[float] = []
     cpu_midi: list[float] = []
@@ -215,9 +216,11 @@ def update_cost(node: Node, phase_s: float, pairs: int, rate: float) -> dict[str
                 node.queue.put(Update("lfo", (i, "clear", None), origin="/lfo/clear"))
         time.sleep(0.2)  # settle
         n0, t0, s0, c0 = node.frames_out, time.monotonic(), sent[0], apply_time.total + tempo_time.total
+        q0 = apply_time.total
         a0, m0 = thread_cpu_s("artnet-recv"), cpu[0]
         time.sleep(phase_s)
         n1, t1, s1, c1 = node.frames_out, time.monotonic(), sent[0], apply_time.total + tempo_time.total
+        q1 = apply_time.total
         a1, m1 = thread_cpu_s("artnet-recv"), cpu[0]
         stop.set()
         if thread is not None:
@@ -227,6 +230,7 @@ def update_cost(node: Node, phase_s: float, pairs: int, rate: float) -> dict[str
             cpu_midi.append((m1 - m0) / (t1 - t0))
         fps[mode].append((n1 - n0) / (t1 - t0))
         control_ms[mode].append(1e3 * (c1 - c0) / max(1, n1 - n0))
+        queue_ms[mode].append(1e3 * (q1 - q0) / max(1, n1 - n0))
     # Each storm phase against the mean of the idle phases either side of it: the machine's
     # load drifts (other processes), a neighbour pair sees nearly the same machine.
     ratios = [fps["storm"][k] / ((fps["idle"][k] + fps["idle"][min(k + 1, pairs - 1)]) / 2) for k in range(pairs)]
@@ -237,6 +241,7 @@ def update_cost(node: Node, phase_s: float, pairs: int, rate: float) -> dict[str
             "fps_ratio_storm_over_idle_median": round(statistics.median(ratios), 4),
             "fps_ratios": [round(r, 3) for r in ratios],
             "engine_thread_control_ms_per_frame": {k: round(statistics.median(v), 3) for k, v in control_ms.items()},
+            "of_which_applying_queued_updates_ms": {k: round(statistics.median(v), 3) for k, v in queue_ms.items()},
             "engine_call_ms": round(engine_ms, 2),
             "engine_thread_control_share_storm": round(storm_ms / (storm_ms + engine_ms), 4),
             "artnet_recv_cpu_share": round(statistics.median(cpu_artnet), 4),
