@@ -10,7 +10,7 @@ import pytest
 
 from streamnode.live_params import CueParams, LfoParams, numeric_target
 from streamnode.tempo import cues, lfo
-from streamnode.tempo.clock import InternalClock
+from streamnode.tempo.clock import Clock, InternalClock
 from streamnode.tempo.midi_clock import PPQN, MidiClock
 from streamnode.tempo.quantize import Quantizer, grid_beats, next_line
 
@@ -26,6 +26,7 @@ def test_internal_clock_counts_beats_and_bends_at_a_tempo_change() -> None:
     assert clock.at(104.25).beat == pytest.approx(8.0) and clock.at(104.25).beat_in_bar == 0
     with pytest.raises(ValueError, match="20..999"):
         clock.set_bpm(5.0)
+    assert isinstance(clock, Clock) and isinstance(MidiClock(), Clock)
 
 
 def test_quantizer_waits_for_the_line_after_the_lookahead_and_latest_wins() -> None:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from streamnode.config import NodeConfig
 from streamnode.control.updates import Update
 from streamnode.live_params import CueParams, LfoParams, NumericTarget, validated
 from streamnode.log_limit import LogLimiter, held_text
@@ -42,7 +43,7 @@ TEMPO_KEYS = frozenset({"bpm", "quantize", "cue", "cue_every", "cue_next", "down
 """The update keys this object applies."""
 
 
-def make_clock(config: Any) -> Clock:
+def make_clock(config: NodeConfig) -> Clock:
     """The clock `config.tempo` asks for (a missing binding raises with the fix)."""
     t = config.tempo
     if t.source == "link":
@@ -57,6 +58,8 @@ def make_clock(config: Any) -> Clock:
 
 
 class Tempo:
+    """The node's tempo; every method but `position` and `status` runs on the engine thread."""
+
     def __init__(self, node: Node, clock: Clock | None = None) -> None:
         self.node = node
         self.clock: Clock = clock or InternalClock(node.config.tempo.bpm, node.config.tempo.beats_per_bar)
@@ -73,7 +76,7 @@ class Tempo:
 
     @property
     def beats_per_bar(self) -> int:
-        return int(getattr(self.clock, "beats_per_bar", self.node.config.tempo.beats_per_bar))
+        return self.clock.beats_per_bar
 
     def latency_s(self) -> float:
         """How long after now a frame whose call starts now leaves the node: the engine's measured
@@ -171,16 +174,12 @@ class Tempo:
         key, value = update.key, update.value
         node = self.node
         if key == "bpm":
-            setter = getattr(self.clock, "set_bpm", None)
-            if setter is not None:
-                setter(float(value))
+            self.clock.set_bpm(float(value))
             node.set_switches(bpm=float(value))
         elif key in ("quantize", "cue_every", "midi_learn"):
             node.set_switches(**{key: value})
         elif key == "downbeat":
-            downbeat = getattr(self.clock, "downbeat", None)
-            if downbeat is not None:
-                downbeat()
+            self.clock.downbeat()
         elif key == "cue_next":
             following = cue_list.next_index(self.cues, node.switches.cue)
             if following is None:

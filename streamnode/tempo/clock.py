@@ -54,9 +54,18 @@ class Clock(Protocol):
     asks it once per frame. `close()` is safe twice."""
 
     name: str
+    beats_per_bar: int
 
     def at(self, t: float) -> Position:
         """The position at monotonic time `t` (seconds), extrapolated at the current tempo."""
+        ...
+
+    def set_bpm(self, bpm: float, t: float | None = None) -> None:
+        """Ask for a tempo (a clock that follows another device may ignore it)."""
+        ...
+
+    def downbeat(self, t: float | None = None) -> None:
+        """Make `t` (default now) a bar line, where the clock owns its beat."""
         ...
 
     def close(self) -> None: ...

@@ -83,6 +83,12 @@ class MidiClock:
     def bpm(self) -> float:
         return self._anchor.bpm
 
+    def set_bpm(self, bpm: float, t: float | None = None) -> None:
+        """The sender sets the tempo: ignored."""
+
+    def downbeat(self, t: float | None = None) -> None:
+        """The sender's song position sets the bar: ignored."""
+
     def close(self) -> None:
         pass
 
