@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from streamnode.config import user_preset_dir
 from streamnode.control.mapping import Target
 from streamnode.control.osc import Limits, OscReject
 from streamnode.control.updates import ControlQueue, Update
@@ -63,9 +64,7 @@ class MidiBinding:
 
 
 def default_mapping_path() -> Path:
-    """midi-map.json in the user config folder (beside the user presets)."""
-    from streamnode.config import user_preset_dir
-
+    """midi-map.json in the user config folder (beside the user presets: ~/.config/streamnode)."""
     return user_preset_dir().parent / "midi-map.json"
 
 
