@@ -367,6 +367,7 @@ class Node:
             self._t_streaming = time.monotonic()
         else:
             self._engine_ms = ms if self._engine_ms == 0.0 else 0.9 * self._engine_ms + 0.1 * ms
+            self.tempo.call_done(ms)
         if self._state in ("warming_up", "error"):
             self._state = "paused" if self.switches.pause else "streaming"
 
@@ -384,7 +385,7 @@ class Node:
 
     @property
     def engine_ms(self) -> float:
-        """The engine call time, smoothed (0 before the second call): the tempo's lookahead."""
+        """The engine call time, smoothed (0 before the second call), for status and logs."""
         return self._engine_ms
 
     @property

@@ -2,8 +2,9 @@
 cue list.
 
 Right before each engine call `before_call()` asks the clock where the music will be when this
-call's frame leaves the node (now + the engine's measured call time + `tempo.lookahead_ms`;
-for releasing changes, plus half a frame-boundary step: the lookahead), then
+call's frame leaves the node (now + the engine's call time, the median of the last 15 calls,
++ `tempo.lookahead_ms`; for releasing changes, plus half a frame-boundary step: the
+lookahead), then
 
 1. releases the quantized changes whose grid line that position has reached, through the
    applier like any other update (validated, reported, echoed);
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +38,13 @@ if TYPE_CHECKING:
     from streamnode.node.lifecycle import Node
 
 logger = logging.getLogger(__name__)
+
+_WINDOW = 15  # calls in the latency's median
+
+
+def _median(values: deque[float]) -> float:
+    return sorted(values)[len(values) // 2] if values else 0.0
+
 
 UNQUANTIZED = frozenset({"bpm", "quantize", "midi_learn", "downbeat", "cue_every", "model"})
 """Keys that act at once even while /quantize is on (tempo controls; a model load takes long anyway)."""
@@ -70,24 +79,32 @@ class Tempo:
         self._driven: dict[int, float | int] = {}  # the value each LFO last set
         self._origin = time.monotonic()  # Hz LFOs count seconds from here
         self._bar: float | None = None  # where the last call was, for cue_every
+        # The last calls' durations and the gaps between frame boundaries (seconds): their
+        # medians are the latency and the boundary step, so one call slowed by the machine does
+        # not move every beat (a mean would, for many frames).
+        self._calls: deque[float] = deque(maxlen=_WINDOW)
+        self._gaps: deque[float] = deque(maxlen=_WINDOW)
         self._last_call: float | None = None
-        self._period = 0.0  # smoothed time between two frame boundaries
         self._log_limit = LogLimiter()
 
     @property
     def beats_per_bar(self) -> int:
         return self.clock.beats_per_bar
 
+    def call_done(self, ms: float) -> None:
+        """An engine call took `ms` (engine thread, after each call but the first)."""
+        self._calls.append(ms / 1000.0)
+
     def latency_s(self) -> float:
         """How long after now a frame whose call starts now leaves the node: the engine's measured
-        call time plus `tempo.lookahead_ms`."""
-        return (self.node.engine_ms + self.node.config.tempo.lookahead_ms) / 1000.0
+        call time (the median of the last calls) plus `tempo.lookahead_ms`."""
+        return _median(self._calls) + self.node.config.tempo.lookahead_ms / 1000.0
 
     def lookahead_s(self) -> float:
         """How long before its beat a change is released: the latency, plus half the time between
         two frame boundaries, so the change rides whichever boundary's frame leaves nearest the
         beat (early or late by at most half a boundary step) rather than always the one after."""
-        return self.latency_s() + self._period / 2.0
+        return self.latency_s() + _median(self._gaps) / 2.0
 
     def position(self, t: float | None = None) -> Position:
         """Where the music is (any thread: the clock's `at` is)."""
@@ -123,8 +140,7 @@ class Tempo:
         """Release due changes, step the cues, drive the LFOs (engine thread, before a call)."""
         now = time.monotonic()
         if self._last_call is not None and now - self._last_call < 1.0:
-            dt = now - self._last_call
-            self._period = dt if self._period == 0.0 else 0.9 * self._period + 0.1 * dt
+            self._gaps.append(now - self._last_call)
         self._last_call = now
         ahead = self.clock.at(now + self.lookahead_s())
         if len(self.held):
