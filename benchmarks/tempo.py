@@ -83,10 +83,12 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 def beat_accuracy(node: Node, clock: InternalClock, beats: int) -> dict[str, Any]:
-    applied: list[tuple[float, float]] = []  # (value, time applied)
-    node.queue.on_report(lambda u, e: applied.append((u.value, time.monotonic())) if u.key == "guidance_scale" else None)
+    applied: list[tuple[float, float, float]] = []  # (value, time applied, the beat it was held for)
+    node.queue.on_report(lambda u, e: applied.append((u.value, time.monotonic(), node.tempo.releasing))
+                         if u.key == "guidance_scale" else None)
     real_lookahead = node.tempo.lookahead_s
     errors: dict[str, list[float]] = {"lookahead": [], "none": []}
+    pushed = {"lookahead": 0, "none": 0}  # held for the beat after the next (too late for the next)
     calls: list[float] = []
     own_call: list[float] = []  # with the lookahead: from the change applied to its frame out
     beat_s = 60.0 / clock.bpm
@@ -96,28 +98,29 @@ def beat_accuracy(node: Node, clock: InternalClock, beats: int) -> dict[str, Any
         now = time.monotonic()
         time.sleep(((0.5 - clock.at(now).beat % 1.0) % 1.0) * beat_s)  # mid-beat
         t_sent = time.monotonic()
-        look = node.tempo.lookahead_s()
-        line = clock.at(t_sent + look).beat // 1 + 1
-        t_line = t_sent + clock.at(t_sent).seconds_to(line)
         value = 1.0 + (i % 7)
         if node.live().params.guidance_scale == value:
             value += 0.5
         applied.clear()  # only this change's report counts
         node.queue.put(Update("guidance_scale", value, origin="/guidance", quantize="beat"))
         deadline = time.monotonic() + 3 * beat_s
-        t_apply = None
-        while time.monotonic() < deadline and t_apply is None:
-            t_apply = next((t for v, t in reversed(applied) if v == value), None)
+        found = None
+        while time.monotonic() < deadline and found is None:
+            found = next(((t, line) for v, t, line in reversed(applied) if v == value), None)
             time.sleep(0.001)
-        if t_apply is None:
+        if found is None:
             continue
+        t_apply, line = found
+        t_line = t_sent + clock.at(t_sent).seconds_to(line)  # the beat the node held it for
+        if line > clock.at(t_sent).beat // 1 + 1:
+            pushed[mode] += 1
         out = None
         while time.monotonic() < deadline and out is None:
             out = next((t for t in Stamps.times[-50:] if t > t_apply), None)
             time.sleep(0.001)
         if out is not None:
             errors[mode].append(out - t_line)
-            calls.append(node.engine_ms / 1e3)
+            calls.append(out - t_apply)
             if mode == "lookahead":
                 own_call.append(out - t_apply)
     node.tempo.lookahead_s = real_lookahead  # type: ignore[method-assign]
@@ -127,11 +130,12 @@ def beat_accuracy(node: Node, clock: InternalClock, beats: int) -> dict[str, Any
     # A call that itself took long (the shared machine) delays its frame by that much: measured
     # against the call that carried it, the schedule's own error shows.
     within_own = sum(1 for e, d in zip(ahead, own_call, strict=True) if abs(e) <= max(d, call)) / max(1, len(ahead))
-    return {"bpm": clock.bpm, "engine_call_ms_median": round(call * 1e3, 2),
+    return {"bpm": clock.bpm, "apply_to_out_ms_median": round(call * 1e3, 2),
             "with_lookahead": summary(ahead), "without_lookahead": summary(errors["none"]),
             "carrying_call": summary(own_call),
             "with_lookahead_within_one_median_call": round(within, 3),
             "with_lookahead_within_its_own_call": round(within_own, 3),
+            "held_past_the_next_beat": pushed,
             "errors_ms_with_lookahead": [round(e * 1e3, 1) for e in errors["lookahead"]]}
 
 

@@ -85,6 +85,8 @@ class Tempo:
         self._calls: deque[float] = deque(maxlen=_WINDOW)
         self._gaps: deque[float] = deque(maxlen=_WINDOW)
         self._last_call: float | None = None
+        self.releasing = 0.0
+        """The beat (grid line) of the held change being applied now; read by report listeners."""
         self._log_limit = LogLimiter()
 
     @property
@@ -145,6 +147,7 @@ class Tempo:
         ahead = self.clock.at(now + self.lookahead_s())
         if len(self.held):
             for held in self.held.due(ahead.beat):
+                self.releasing = held.line  # whoever hears of the update can tell its beat
                 applier.apply_one(held.item)
         bar = ahead.beat / self.beats_per_bar
         every = self.node.switches.cue_every
