@@ -4,9 +4,11 @@ Only ArtDmx packets (opcode 0x5000) for the configured port-address are read; ev
 on the port (ArtPoll, other universes) is ignored, and a malformed packet (short, a bad header,
 a length beyond the data) is logged once per cause and dropped, never the loop. The parser is
 our own, about thirty lines: a receiver is all the node needs, and the packet is fixed
-(Art-Net 4, "ArtDmx"); stupidartnet and pyartnet are built around sending (pyartnet is
-send-only; stupidartnet's receiver is a thread that swallows malformed packets silently and
-keeps no per-cause log), so neither saves code or adds a check (docs/tempo.md).
+(Art-Net 4, "ArtDmx"). pyartnet is for sending DMX; stupidartnet's receiver
+(StupidArtnetServer) listens on every interface from a bare `_thread` that cannot be joined,
+checks the 12-byte header but not the length field, and drops what fails without a word, where
+the node must choose its interface, stop its threads in order and say why it ignored a desk
+(docs/tempo.md).
 
 A numbered packet (Art-Net's sequence, 1..255) older than the last one read arrived late
 and is dropped, as the spec asks: its levels would step the parameter back.
