@@ -78,7 +78,7 @@ def read_port(name: str, stop: threading.Event, on_message: Callable[[Any], None
                     on_message(message)
                 if not drained:
                     stop.wait(_POLL_S)
-                    # An unplugged device often just goes quiet (ALSA, CoreMIDI): look for it.
+                    # An unplugged port may fall silent rather than fail a read: look for it.
                     if time.monotonic() >= next_check:
                         next_check = time.monotonic() + _PRESENT_CHECK_S
                         if resolved not in input_names():
