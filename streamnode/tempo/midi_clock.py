@@ -45,7 +45,7 @@ class MidiClock:
     def feed(self, kind: str, t: float, value: int = 0) -> None:
         a = self._anchor
         if kind == "clock":
-            # Many sequencers send pulses while stopped too (the tempo, for the followers): the
+            # A sequencer may send pulses while stopped too (the tempo, for the followers): the
             # tempo follows them always, the beat only while playing.
             dt = t - self._last_pulse
             self._last_pulse = t
