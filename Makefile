@@ -18,7 +18,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $@
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/pip install -q -e ".[test,ndi,onnx,openvino,vcam,obs,oscquery]"
+	$(BIN)/pip install -q -e ".[test,ndi,onnx,openvino,vcam,obs,oscquery,tempo]"
 	touch $@
 
 demo: $(STAMP)

@@ -75,6 +75,18 @@ def _vcam_backends() -> str:
     return "backends: " + (", ".join(names) if names else "none")
 
 
+def _midi_row() -> tuple[str, bool, str, str]:
+    """mido and the MIDI inputs it sees (the names `midi.port` and `tempo.midi_clock_port` take)."""
+    hint = 'pip install "streamnode[tempo]" (MIDI control and MIDI clock, docs/tempo.md)'
+    try:
+        from streamnode.tempo.midi_ports import MidiUnavailable, input_names
+
+        names = input_names()
+    except MidiUnavailable:
+        return ("mido (MIDI)", False, "not installed", hint)
+    return ("mido (MIDI)", True, "inputs: " + (", ".join(names) if names else "none found"), hint)
+
+
 def doctor_command(args: argparse.Namespace) -> int:
     rows: list[tuple[str, bool, str, str]] = []
 
@@ -96,9 +108,11 @@ def doctor_command(args: argparse.Namespace) -> int:
         ("SpoutGL", "SpoutGL", 'pip install "streamnode[spout]" (Windows only)'),
         ("websockets", "websockets", 'pip install "streamnode[oscquery]" (for --oscquery-port)'),
         ("zeroconf", "zeroconf", 'pip install "streamnode[oscquery]" (for osc.oscquery_mdns)'),
+        ("Ableton Link", "link", 'pip install "streamnode[tempo]" (for tempo.source = "link")'),
     ]:
         ok, detail = _probe(module)
         rows.append((name, ok, detail, hint))
+    rows.append(_midi_row())
     ok, _ = _probe("pyvirtualcam")
     vcam_hint = (
         'pip install "streamnode[vcam]"; then OBS Virtual Camera (Windows/macOS) or '

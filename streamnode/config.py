@@ -18,9 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from streamnode.live_params import (
     MAX_BRUSHES,
     MAX_CONTROLNETS,
+    MAX_CUES,
+    MAX_LFOS,
     MAX_LORAS,
+    QUANTIZE_MODES,
     BrushParams,
     ControlNetParams,
+    CueParams,
+    LfoParams,
     LiveParams,
     LoraParams,
     explain,
@@ -244,6 +249,67 @@ class ControlNetConfig(ControlNetParams):
     """One `[[controlnets]]` entry of a preset: a ControlNet's live fields (live_params.ControlNetParams)."""
 
 
+class LfoConfig(LfoParams):
+    """One `[[lfos]]` entry of a preset: an LFO's live fields (live_params.LfoParams)."""
+
+
+class CueConfig(CueParams):
+    """One `[[cues]]` entry of a preset: a cue (live_params.CueParams)."""
+
+
+class TempoConfig(_Section):
+    """The clock and what follows it (docs/tempo.md)."""
+
+    source: Literal["internal", "link", "midi"] = Field(
+        "internal", description="internal: a free-running BPM; link: Ableton Link; midi: MIDI clock in (midi_clock_port)"
+    )
+    bpm: float = Field(120.0, ge=20.0, le=999.0, description="the tempo to start with (internal, link)")
+    beats_per_bar: int = Field(4, ge=1, le=16)
+    quantize: Literal[QUANTIZE_MODES] = Field("off", description="hold every change until the next beat/bar/N bars")  # type: ignore[valid-type]
+    lookahead_ms: float = Field(
+        0.0, ge=-1000.0, le=1000.0,
+        description="added to the engine's measured latency when releasing a quantized change (a projector's delay)",
+    )
+    cue_every: int = Field(0, ge=0, le=64, description="step the cue list every N bars (0: on /cue_next only)")
+    midi_clock_port: str | None = Field(None, min_length=1, description="MIDI input to follow (source = midi)")
+
+    @model_validator(mode="after")
+    def _midi_port(self) -> TempoConfig:
+        if self.source == "midi" and not self.midi_clock_port:
+            raise ValueError("tempo.source = midi needs tempo.midi_clock_port (a MIDI input name)")
+        return self
+
+
+class MidiConfig(_Section):
+    """MIDI control surface in (docs/tempo.md): CC and notes mapped to live parameters."""
+
+    port: str | None = Field(None, min_length=1, description="MIDI input to read (a name or part of one); none: off")
+    mapping: str | None = Field(
+        None, min_length=1, description="mapping file (JSON); default: midi-map.json in the user config folder"
+    )
+
+
+class ArtNetChannel(_Section):
+    """One DMX channel (or an 8+8-bit pair) driving one live parameter."""
+
+    channel: int = Field(ge=1, le=512, description="DMX channel (1..512), counted from the universe's start")
+    address: str = Field(min_length=2, max_length=64, description="the live parameter's OSC address, e.g. /guidance")
+    bits: Literal[8, 16] = Field(8, description="16: this channel is the coarse byte, the next the fine")
+    low: float | None = Field(None, description="the value at DMX 0 (default: the parameter's minimum)")
+    high: float | None = Field(None, description="the value at full (default: the parameter's maximum)")
+
+
+class ArtNetConfig(_Section):
+    """Art-Net (DMX over UDP) in: a lighting desk drives live parameters."""
+
+    enabled: bool = False
+    host: str = Field("0.0.0.0", description="interface to listen on (Art-Net is broadcast on port 6454)")
+    port: int = Field(6454, ge=0, le=65535)
+    universe: int = Field(0, ge=0, le=32767, description="port-address (net, sub-net, universe) to listen to")
+    start_channel: int = Field(1, ge=1, le=512, description="channel 1 of the mapping is this DMX channel")
+    channels: list[ArtNetChannel] = Field(default_factory=list)
+
+
 class RuntimeConfig(_Section):
     no_drop: bool = Field(False, description="process every frame in order (offline renders)")
     duration: float | None = Field(None, gt=0.0, description="stop after this many seconds")
@@ -264,6 +330,8 @@ class RuntimeConfig(_Section):
     max_controlnets: int = Field(
         4, ge=0, le=MAX_CONTROLNETS, description="ControlNet indices /controlnet/0 .. /controlnet/(max_controlnets−1)"
     )
+    max_lfos: int = Field(8, ge=0, le=MAX_LFOS, description="LFO indices /lfo/0 .. /lfo/(max_lfos−1)")
+    max_cues: int = Field(16, ge=0, le=MAX_CUES, description="cue indices /cues/0 .. /cues/(max_cues−1)")
     engine: Literal["stream", "passthrough"] = Field(
         "stream", description="stream: the diffusion engine; passthrough: input resized to the output (tests, benchmarks)"
     )
@@ -280,6 +348,11 @@ class NodeConfig(_Section):
     brushes: list[BrushConfig] = Field(default_factory=list)
     loras: list[LoraConfig] = Field(default_factory=list)
     controlnets: list[ControlNetConfig] = Field(default_factory=list)
+    tempo: TempoConfig = TempoConfig()
+    lfos: list[LfoConfig] = Field(default_factory=list)
+    cues: list[CueConfig] = Field(default_factory=list)
+    midi: MidiConfig = MidiConfig()
+    artnet: ArtNetConfig = ArtNetConfig()
 
     @field_validator("sinks")
     @classmethod
@@ -299,6 +372,10 @@ class NodeConfig(_Section):
             raise ValueError(
                 f"{len(self.controlnets)} ControlNets given, runtime.max_controlnets is {self.runtime.max_controlnets}"
             )
+        if len(self.lfos) > self.runtime.max_lfos:
+            raise ValueError(f"{len(self.lfos)} LFOs given, runtime.max_lfos is {self.runtime.max_lfos}")
+        if len(self.cues) > self.runtime.max_cues:
+            raise ValueError(f"{len(self.cues)} cues given, runtime.max_cues is {self.runtime.max_cues}")
         return self
 
 

@@ -54,6 +54,14 @@ MAX_LORAS = 16
 """Upper bound of `runtime.max_loras`."""
 MAX_CONTROLNETS = 8
 """Upper bound of `runtime.max_controlnets`."""
+MAX_LFOS = 16
+"""Upper bound of `runtime.max_lfos`."""
+MAX_CUES = 64
+"""Upper bound of `runtime.max_cues`."""
+QUANTIZE_MODES = ("off", "beat", "bar", "2bars", "4bars", "8bars")
+"""The grids a quantized change waits for (tempo/quantize.py)."""
+LFO_SHAPES = ("sine", "triangle", "saw", "square", "random", "envelope")
+"""LFO waveforms (tempo/lfo.py)."""
 MAX_SEED = 2**32 - 1
 
 
@@ -464,6 +472,36 @@ class NodeParams(_Frozen):
         description="Load another model (hub id, folder, .safetensors, tiny) while the current one keeps "
         "streaming. Rejected unless the node runs with --allow-model-switch.",
     )
+    bpm: float = Field(
+        120.0, ge=20.0, le=999.0, json_schema_extra=osc("/bpm"),
+        description="Tempo of the internal clock (with Link: proposed to the session; MIDI clock: ignored, "
+        "the sender sets it). The tempo in force goes out as /streamnode/beat.",
+    )
+    quantize: Literal[QUANTIZE_MODES] = Field(  # type: ignore[valid-type]
+        "off", json_schema_extra=osc("/quantize"),
+        description="Hold every change until the next beat, bar or N bars (on the beat, the engine's latency "
+        "ahead); one message alone: /at/<grid>/<address>. off: at once.",
+    )
+    cue: int = Field(
+        -1, ge=-1, le=MAX_CUES - 1, json_schema_extra=osc("/cue"),
+        description="Go to cue N of the cue list (/cues/N/...); reads back the cue in force (-1: none yet).",
+    )
+    cue_every: int = Field(
+        0, ge=0, le=64, json_schema_extra=osc("/cue_every"),
+        description="Step to the next cue every N bars, on the bar (0: only on /cue_next).",
+    )
+    midi_learn: str = Field(
+        "", max_length=256, json_schema_extra=osc("/midi/learn"),
+        description="Learn mode: the next MIDI CC or note moved maps to this address (e.g. /guidance); "
+        "empty: off. The mapping is saved in the user config folder.",
+    )
+
+    @field_validator("midi_learn")
+    @classmethod
+    def _an_address(cls, v: str) -> str:
+        if v and (not v.startswith("/") or any(c.isspace() for c in v)):
+            raise ValueError("must be an OSC address such as /guidance (empty: learn mode off)")
+        return v
 
 
 class BrushParams(_Frozen):
@@ -610,6 +648,109 @@ class ControlNetParams(_Frozen):
         return v
 
 
+class LfoParams(_Frozen):
+    """One LFO (docs/tempo.md); OSC `/lfo/N/<name>`. It drives `target`, a numeric live parameter,
+    to offset + depth·wave every frame (clamped to the target's range); the wave runs −1..1
+    (envelope: 1 decaying to 0 over each cycle). No target: it does nothing."""
+
+    target: str = Field(
+        "", max_length=64, json_schema_extra=osc("/lfo/N/target"),
+        description="LFO N target: the address of a numeric live parameter, e.g. /guidance, /lora/0/weight, "
+        "/brush/1/strength. Empty: off.",
+    )
+    shape: Literal[LFO_SHAPES] = Field(  # type: ignore[valid-type]
+        "sine", json_schema_extra=osc("/lfo/N/shape"),
+        description="LFO N wave: " + ", ".join(LFO_SHAPES) + " (random: a new value held each cycle).",
+    )
+    sync: bool = Field(
+        True, json_schema_extra=osc("/lfo/N/sync"), description="LFO N on the tempo (1: a cycle lasts `beats`) or "
+        "free (0: `hz` cycles a second)."
+    )
+    beats: float = Field(
+        4.0, ge=1 / 16, le=64.0, json_schema_extra=osc("/lfo/N/beats"), description="LFO N cycle in beats (sync 1).",
+    )
+    hz: float = Field(
+        0.25, ge=0.0, le=30.0, json_schema_extra=osc("/lfo/N/hz"), description="LFO N rate in Hz (sync 0; 0 holds still).",
+    )
+    depth: float = Field(
+        0.0, ge=-1000.0, le=1000.0, json_schema_extra=osc("/lfo/N/depth"),
+        description="LFO N depth, in the target's units (the wave's ±1 becomes ±depth).",
+    )
+    offset: float = Field(
+        0.0, ge=-1000.0, le=1000.0, json_schema_extra=osc("/lfo/N/offset"),
+        description="LFO N centre, in the target's units.",
+    )
+    phase: float = Field(0.0, ge=0.0, le=1.0, json_schema_extra=osc("/lfo/N/phase"), description="LFO N phase shift.")
+    enabled: bool = Field(True, json_schema_extra=osc("/lfo/N/enabled"), description="LFO N on (1) or off (0).")
+
+    @field_validator("target")
+    @classmethod
+    def _numeric(cls, v: str) -> str:
+        if v:
+            numeric_target(v)  # raises with the reason
+        return v
+
+
+class CueParams(_Frozen):
+    """One cue of the cue list (docs/tempo.md); OSC `/cues/N/<name>`. Going to a cue sets its
+    prompt and seed, blending in over its transition."""
+
+    prompt: str = Field("", max_length=MAX_TEXT, json_schema_extra=osc("/cues/N/prompt"), description="Cue N prompt.")
+    seed: int = Field(
+        -1, ge=-1, le=MAX_SEED, json_schema_extra=osc("/cues/N/seed"), description="Cue N seed (-1: keep the seed).",
+    )
+    transition: int = Field(
+        8, ge=0, le=600, json_schema_extra=osc("/cues/N/transition"),
+        description="Cue N transition: frames over which its prompt blends in.",
+    )
+
+
+@dataclass(frozen=True)
+class NumericTarget:
+    """A numeric live parameter an LFO may drive: its update key (a LiveParams field or an
+    indexed group's name), index and field, and its range."""
+
+    key: str
+    index: int | None
+    field: str
+    low: float
+    high: float
+    integer: bool
+
+
+def numeric_target(address: str) -> NumericTarget:
+    """The numeric live parameter at `address` (/guidance, /lora/0/weight, /brush/1/strength…);
+    ValueError naming the choices otherwise."""
+    table = _numeric_fields()
+    parts = address.split("/")
+    index = None
+    if len(parts) == 4 and parts[2].isdigit() and len(parts[2]) <= 3:
+        index = int(parts[2])
+        pattern = f"/{parts[1]}/N/{parts[3]}"
+    else:
+        pattern = address
+    found = table.get(pattern)
+    if found is None:
+        raise ValueError(f"{address!r} is not a numeric live parameter; use one of {', '.join(table)}")
+    key, name, low, high, integer = found
+    return NumericTarget(key, index, name, low, high, integer)
+
+
+@functools.cache
+def _numeric_fields() -> dict[str, tuple[str, str, float, float, bool]]:
+    """OSC address → (key, field, low, high, integer) of every bounded int or float live field."""
+    table: dict[str, tuple[str, str, float, float, bool]] = {}
+    models: list[tuple[type[BaseModel], str | None]] = [(LiveParams, None), (BrushParams, "brush"), (LoraParams, "lora")]
+    for model, group in models:
+        for name, info in model.model_fields.items():
+            kind = _strip(info.annotation)
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            lo, hi = _bounds(Annotated[(info.annotation, *info.metadata)]) if info.metadata else (None, None)
+            if kind in (int, float) and lo is not None and hi is not None and "osc" in extra:
+                table[str(extra["osc"])] = (group or name, name, float(lo), float(hi), kind is int)
+    return table
+
+
 MASK_SOURCES = ("mask", "rect", "circle", "shm")
 """The BrushParams fields that give a brush its mask: one at a time, the newest wins."""
 
@@ -635,6 +776,10 @@ TRIGGERS = (
     Trigger("clear", "/brush/N/clear", "Remove brush N."),
     Trigger("clear", "/lora/N/clear", "Remove LoRA N."),
     Trigger("clear", "/controlnet/N/clear", "Remove ControlNet N."),
+    Trigger("clear", "/lfo/N/clear", "Remove LFO N (its target keeps the last value)."),
+    Trigger("clear", "/cues/N/clear", "Remove cue N."),
+    Trigger("cue_next", "/cue_next", "Go to the next cue (quantized like any change)."),
+    Trigger("downbeat", "/downbeat", "Make now the first beat of a bar (internal clock; a tap from the performer)."),
 )
 
 
@@ -657,6 +802,8 @@ GROUPS: tuple[IndexedGroup, ...] = (
     IndexedGroup("brush", BrushParams, "max_brushes"),
     IndexedGroup("lora", LoraParams, "max_loras"),
     IndexedGroup("controlnet", ControlNetParams, "max_controlnets"),
+    IndexedGroup("lfo", LfoParams, "max_lfos"),
+    IndexedGroup("cues", CueParams, "max_cues"),
 )
 """The indexed groups of the schema; OSC, OSCQuery, docs and the TouchDesigner page expand them."""
 
@@ -708,6 +855,10 @@ class LiveState:
     """The LoRA stack in force (diffusion/lora.py), by index."""
     controlnets: Mapping[int, ControlNetParams] = field(default_factory=dict)
     """The ControlNets in force (diffusion/controlnet.py), by index."""
+    lfos: Mapping[int, LfoParams] = field(default_factory=dict)
+    """The LFOs in force (the node's, tempo/lfo.py), by index."""
+    cues: Mapping[int, CueParams] = field(default_factory=dict)
+    """The cue list (the node's, tempo/cues.py), by index."""
 
     def group(self, name: str) -> Mapping[int, Any]:
         """The params in force of an indexed group (`GROUPS`) by index: brushes' BrushParams, LoRAs'."""
@@ -717,6 +868,10 @@ class LiveState:
             return self.loras
         if name == "controlnet":
             return self.controlnets
+        if name == "lfo":
+            return self.lfos
+        if name == "cues":
+            return self.cues
         raise KeyError(name)
 
     def replace(self, **changes: Any) -> LiveState:

@@ -8,9 +8,9 @@ from streamnode.config import OscConfig
 from streamnode.control.osc import ADDRESSES, OUT_ADDRESSES, markdown_table
 from streamnode.live_params import (
     BRUSH_ORDER_OSC,
+    GROUPS,
     TRIGGERS,
     BrushParams,
-    ControlNetParams,
     LiveParams,
     LoraParams,
     NodeParams,
@@ -38,8 +38,9 @@ def test_docs_list_every_output_address_and_every_osc_setting() -> None:
 
 def test_table_ranges_come_from_the_live_parameter_schema() -> None:
     by_address = {p.address: p for p in ADDRESSES}
-    for model, key in ((LiveParams, None), (NodeParams, None), (BrushParams, "brush"), (LoraParams, "lora"),
-                       (ControlNetParams, "controlnet")):
+    models = ((LiveParams, None), (NodeParams, None), *((g.params, g.name) for g in GROUPS))
+    assert {BrushParams, LoraParams} <= {m for m, _ in models}
+    for model, key in models:
         for name, info in model.model_fields.items():
             address = info.json_schema_extra["osc"]
             param = by_address[address]
@@ -52,6 +53,5 @@ def test_table_ranges_come_from_the_live_parameter_schema() -> None:
     assert by_address["/prompt"].args[0].max_len == LiveParams.model_fields["prompt"].metadata[0].max_length
     assert by_address["/t_index"].repeat == (1, 8)
     assert {p.address for p in ADDRESSES} == {
-        *(i.json_schema_extra["osc"] for m in (LiveParams, NodeParams, BrushParams, LoraParams, ControlNetParams)
-          for i in m.model_fields.values()),
+        *(i.json_schema_extra["osc"] for m, _ in models for i in m.model_fields.values()),
         *(t.address for t in TRIGGERS), BRUSH_ORDER_OSC["osc"]}

@@ -14,18 +14,10 @@ from hypothesis import strategies as st
 from pythonosc.osc_message_builder import OscMessageBuilder
 from support import small_config, tiny_factory, wait_for, wait_osc
 
-from streamnode.config import OscConfig
+from streamnode.config import OscConfig, RuntimeConfig
 from streamnode.control.osc import ADDRESSES, OscServer, value_at
 from streamnode.control.updates import ControlQueue, Update
-from streamnode.live_params import (
-    BrushParams,
-    ControlNetParams,
-    LiveParams,
-    LiveState,
-    LoraParams,
-    NodeParams,
-    validated,
-)
+from streamnode.live_params import GROUPS, LiveParams, LiveState, NodeParams, validated
 from streamnode.node import Node
 
 FUZZ = settings(max_examples=1500, deadline=None, database=None,
@@ -92,14 +84,18 @@ def direct_server() -> tuple[OscServer, ControlQueue]:
 ADDRESSES_BY_NAME = {p.address: p for p in ADDRESSES}
 
 
+GROUP_SCHEMAS = {g.name: g.params for g in GROUPS}
+GROUP_LIMITS = {g.name: getattr(RuntimeConfig(), g.limit) for g in GROUPS}  # brushes, LoRAs, LFOs: 8; cues 16
+
+
 def assert_valid(update: Update) -> None:
     """Whatever passed the OSC checks must be a value the schema itself accepts."""
     if update.key in LiveParams.model_fields:
         LiveParams().apply({update.key: update.value})
-    elif update.key in ("brush", "lora", "controlnet"):
+    elif update.key in GROUP_SCHEMAS:
         n, field, value = update.value
-        assert 0 <= n < 8
-        schema = {"brush": BrushParams, "lora": LoraParams, "controlnet": ControlNetParams}[update.key]
+        assert 0 <= n < GROUP_LIMITS[update.key]
+        schema = GROUP_SCHEMAS[update.key]
         if field in schema.model_fields:
             validated(schema, {field: value})
         else:
@@ -112,6 +108,8 @@ def assert_valid(update: Update) -> None:
         validated(NodeParams, {update.key: update.value})
         if update.key == "preset":
             assert update.value.replace("-", "").replace("_", "").isalnum()
+    elif update.key in ("cue_next", "downbeat"):  # the node's own triggers
+        assert update.value == (None, None, None)
     else:
         raise AssertionError(f"unexpected update {update}")
 
@@ -195,6 +193,8 @@ def test_well_formed_values_in_range_are_accepted() -> None:
             for a in param.args:
                 if a.choices:
                     args.append(("s", data.draw(st.sampled_from(a.choices))))
+                elif param.address in ("/lfo/N/target", "/midi/learn"):  # an address of a number
+                    args.append(("s", data.draw(st.sampled_from(["", "/guidance", "/lora/1/weight"]))))
                 elif a.tag == "s":
                     args.append(("s", data.draw(st.text(alphabet="abc xyz", max_size=30))))
                 elif a.tag == "i":

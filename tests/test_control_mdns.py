@@ -64,7 +64,8 @@ def test_mdns_announces_oscquery_and_osc_on_loopback_and_withdraws_them() -> Non
     from streamnode.config import RuntimeConfig
     from streamnode.control.osc import ADDRESSES
 
-    slots = {None: 1, "brush": 2, "lora": RuntimeConfig().max_loras}  # every slot of a group is listed
+    rt = RuntimeConfig()
+    slots = {None: 1, "brush": 2, "lora": rt.max_loras, "lfo": rt.max_lfos, "cues": rt.max_cues}  # every slot listed
     assert r["guidance"] == [1.2] and r["methods"] == sum(slots[p.group] for p in ADDRESSES)
     assert r["withdrawn"], "stopping the node withdraws the services"
 

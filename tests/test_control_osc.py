@@ -111,6 +111,10 @@ CASES = [
     ("/pause", [1], True, [1]),
     ("/bypass", [1.0], True, [1]),
     ("/preset", ["demo"], "demo", ["demo"]),
+    ("/bpm", [128.0], 128.0, [128.0]),
+    ("/quantize", ["bar"], "bar", ["bar"]),
+    ("/cue_every", [2], 2, [2]),
+    ("/midi/learn", ["/guidance"], "/guidance", ["/guidance"]),
 ]
 
 
@@ -125,8 +129,33 @@ def test_address_reaches_engine_and_is_echoed(rig: Rig, address, args, value, ec
 
 
 def test_every_input_address_is_covered_by_a_case() -> None:
-    covered = {c[0] for c in CASES} | {"/status", "/model", "/brush/order"}
+    covered = {c[0] for c in CASES} | {"/status", "/model", "/brush/order", "/cue", "/cue_next", "/downbeat"}
     assert {p.address for p in ADDRESSES if not p.group} == covered
+
+
+def test_tempo_addresses_step_cues_hold_one_change_for_its_beat_and_refuse_a_bad_grid(rig: Rig) -> None:
+    s = rig.surface
+    s.send("/cues/0/prompt", "a red fox")
+    s.send("/cues/3/prompt", "a blue owl")
+    s.send("/cue", 3)
+    assert s.wait_for(applied_addr("/cue")) == [3]
+    assert rig.live().params.prompt == "a blue owl"
+    s.send("/cue_next")
+    wait_for(lambda: rig.live().node.cue == 0, 5.0, "the next cue, wrapping")
+    assert rig.live().params.prompt == "a red fox"
+    s.send("/downbeat")
+    rig.wait_applied("downbeat")
+    bar, beat, bpm = s.wait_for("/streamnode/beat", timeout=2.0)  # a beat every 0.5 s at 120 bpm
+    assert 0 <= beat < 4 and bar >= 0 and bpm == pytest.approx(120.0)
+    assert rig.node.status()["tempo"]["source"] == "internal"
+    beat_s = 60.0 / rig.live().node.bpm
+    t_sent = time.monotonic()
+    s.send("/at/beat/guidance", 4.0)
+    assert s.wait_for(applied_addr("/guidance"), timeout=5.0) == [4.0]
+    waited = time.monotonic() - t_sent
+    assert waited < beat_s + 1.0  # within its beat (plus a busy machine's slack), not lost
+    s.send("/at/someday/guidance", 5.0)
+    assert "use /at/<grid>/<address>" in s.wait_for("/streamnode/error")[0]
 
 
 def test_brush_addresses_paint_the_engine_s_brushes(rig: Rig, tmp_path: Path) -> None:

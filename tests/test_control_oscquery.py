@@ -19,6 +19,7 @@ import pytest
 from pythonosc.osc_message import OscMessage
 from support import Surface, message, small_config, tiny_factory, wait_for
 
+from streamnode.config import RuntimeConfig
 from streamnode.control.osc import ADDRESSES, param_address
 from streamnode.control.oscquery import OscQueryServer
 from streamnode.node import Node
@@ -120,8 +121,11 @@ def check_host_info(info: dict[str, Any]) -> None:
 
 
 def expected_methods(max_brushes: int, prefix: str, max_loras: int = 2, max_controlnets: int = 2) -> set[str]:
-    """Every method, each indexed group expanded to all its slots (brushes, LoRAs, ControlNets)."""
-    slots = {"brush": max_brushes, "lora": max_loras, "controlnet": max_controlnets}
+    """Every method, each indexed group expanded to all its slots (brushes, LoRAs, ControlNets; LFOs
+    and cues at their default counts)."""
+    rt = RuntimeConfig()
+    slots = {"brush": max_brushes, "lora": max_loras, "controlnet": max_controlnets, "lfo": rt.max_lfos,
+             "cues": rt.max_cues}
     return {prefix + param_address(p, n) for p in ADDRESSES for n in (range(slots[p.group]) if p.group else [None])}
 
 

@@ -17,6 +17,7 @@ import pytest
 from support import load_script
 
 from streamnode.control.osc import ADDRESSES, OUT_ADDRESSES
+from streamnode.live_params import GROUPS
 
 ROOT = Path(__file__).resolve().parent.parent
 TD = ROOT / "touchdesigner"
@@ -58,7 +59,7 @@ def test_parameter_page_names_are_legal_touchdesigner_names() -> None:
     doc = json.loads(generate.render()["streamnode_params.json"])
     names = []
     for page in doc["pages"]:
-        for n in range(32 if page.get("per_brush") else 1):
+        for n in range(64 if page.get("group") else 1):
             names += [e["name"].format(n=n) for e in page["pars"]]
     # TouchDesigner: a capital, then lower-case letters and digits; no underscores.
     bad = [n for n in names if not re.fullmatch(r"[A-Z][a-z0-9]*", n)]
@@ -131,6 +132,9 @@ def test_readme_commands_use_only_real_flags(readme: Path) -> None:
     assert not problems, f"{readme.relative_to(ROOT)} names flags the code does not have: {problems}"
 
 
+GROUP_INDEX = r"^/(" + "|".join(g.name for g in GROUPS) + r")/\d+/"
+
+
 def valid_address(token: str) -> bool:
     if token in PREFIXES:
         return True  # the prefix on its own ("--osc-prefix /vj1")
@@ -139,12 +143,13 @@ def valid_address(token: str) -> bool:
             token = token[len(prefix):]
     inputs = {p.address for p in ADDRESSES}
     outputs = {a for a, _, _ in OUT_ADDRESSES}
-    indexed = re.sub(r"^/(brush|lora|controlnet)/\d+/", r"/\1/N/", token)  # the indexed groups: /brush/0/prompt
+    token = re.sub(r"^/at/(beat|bar|\d+bars)(?=/)", "", token)  # one change quantized: /at/bar/prompt
+    indexed = re.sub(GROUP_INDEX, r"/\1/N/", token)  # the indexed groups: /brush/0/prompt
     if token in inputs or indexed in inputs or token in outputs:
         return True
     applied = "/streamnode/applied"
     if token.startswith(applied + "/"):
-        rest = re.sub(r"^/(brush|lora|controlnet)/\d+/", r"/\1/N/", token[len(applied):])
+        rest = re.sub(GROUP_INDEX, r"/\1/N/", token[len(applied):])
         return rest in inputs or rest == "/<address>"
     return False
 

@@ -360,6 +360,10 @@ def example_value(entry: dict[str, Any], mask: str) -> Any:
         return "1 0"
     if entry["address"].endswith("/shm"):  # /brush/0/shm, /brush/1/shm, ...
         return "shm://streamnode_masks?plane=0"
+    if entry["address"] in ("/lfo/0/target", "/midi/learn"):
+        return "/delta"  # an LFO target, a parameter to learn a knob for
+    if entry["address"] == "/quantize":
+        return "off"  # the default; "beat" would hold every later change for its beat
     if "repeat" in entry:
         return {"i": "20 35 45", "sf": "a neon city:0.7 | a forest:0.3", "if": "7:0.5 | 42:0.5"}[entry["arg_tags"]]
     if style == "Toggle":
@@ -389,7 +393,7 @@ def test_every_parameter_of_the_generated_page_is_accepted(live: tuple[LiveNode,
     n.node.queue.on_report(lambda u, error: error is not None and failed.append((u, error)))
     mask = tmp_path / "mask.png"
     mask.write_bytes(b"\x89PNG\r\n\x1a\n")  # the pass-through engine checks the path, not the pixels
-    params = control.ParamMap(json.loads((TD / "streamnode_params.json").read_text()), brushes=2)
+    params = control.ParamMap(json.loads((TD / "streamnode_params.json").read_text()), brushes=2, lfos=1, cues=1)
     values = {name: example_value(e, str(mask)) for name, e in params.entries.items()}
     messages: dict[str, list[Any]] = {}
     for name in params.entries:
@@ -397,7 +401,8 @@ def test_every_parameter_of_the_generated_page_is_accepted(live: tuple[LiveNode,
         assert message is not None, name
         messages.setdefault(message[0], message[1])  # the other parts of rect/circle: one message
     # As a user would: the brushes first, then their order, and the clears last.
-    last = [a for a in messages if a == "/brush/order"] + [a for a in messages if a.endswith("/clear")]
+    last = ([a for a in messages if a == "/brush/order"] + [a for a in messages if a in ("/cue", "/cue_next")]
+            + [a for a in messages if a.endswith("/clear")])
     for address in [a for a in messages if a not in last] + last:
         assert client.send(address, *messages[address])
         if address == "/brush/order":

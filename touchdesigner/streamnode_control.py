@@ -266,20 +266,21 @@ class ParamMap:
     multi-value address included).
     """
 
-    def __init__(self, document: dict[str, Any], brushes: int = 0, loras: int = 0, controlnets: int = 0) -> None:
+    def __init__(self, document: dict[str, Any], brushes: int = 0, loras: int = 0, lfos: int = 0,
+                 cues: int = 0, controlnets: int = 0) -> None:
         self.document = document
         self.entries: dict[str, dict[str, Any]] = {}
-        for page in self.pages(brushes, loras, controlnets):
+        for page in self.pages(brushes, loras, lfos, cues, controlnets):
             for entry in page["pars"]:
                 self.entries[entry["name"]] = entry
 
-    def pages(self, brushes: int, loras: int = 0, controlnets: int = 0) -> list[dict[str, Any]]:
-        """Pages with brush, LoRA and ControlNet templates expanded to indices 0..brushes-1,
-        0..loras-1 and 0..controlnets-1."""
+    def pages(self, brushes: int, loras: int = 0, lfos: int = 0, cues: int = 0,
+              controlnets: int = 0) -> list[dict[str, Any]]:
+        """Pages with the group templates (brush, LoRA, LFO, cue, ControlNet) expanded to indices 0..count-1."""
+        counts = {"brush": brushes, "lora": loras, "lfo": lfos, "cues": cues, "controlnet": controlnets}
         out = []
         for page in self.document["pages"]:
-            counts = {"per_brush": brushes, "per_lora": loras, "per_controlnet": controlnets}
-            count = next((n for key, n in counts.items() if page.get(key)), None)
+            count = counts.get(page["group"], 0) if page.get("group") else None
             if count is None:
                 out.append(page)
                 continue
@@ -415,12 +416,13 @@ class StreamnodeControl:
 
     # -- the parameter page
 
-    def BuildPage(self, source: str = "streamnode_params", brushes: int = 0, loras: int = 0,
-                  controlnets: int = 0) -> None:
+    def BuildPage(self, source: str = "streamnode_params", brushes: int = 0, loras: int = 0, lfos: int = 0,
+                  cues: int = 0, controlnets: int = 0) -> None:
         """Create the custom pages from streamnode_params.json: `source` is a DAT inside the COMP
         holding the JSON, or a path to the file. `brushes` adds a page per regional-prompt brush,
-        `loras` a page per LoRA of the stack (its source and a weight fader), `controlnets` a page
-        per ControlNet (its model, map source and scale fader).
+        `loras` a page per LoRA of the stack (its source and a weight fader), `lfos` a page per
+        LFO, `cues` a page per cue of the cue list, `controlnets` a page per ControlNet (its model,
+        map source and scale fader).
         Parameters that already exist are left as they are (values included)."""
         dat = self.ownerComp.op(source)
         if dat is not None:
@@ -429,7 +431,7 @@ class StreamnodeControl:
             with open(source, encoding="utf-8") as f:
                 text = f.read()
         document = json.loads(text)
-        self.params = ParamMap(document, brushes, loras, controlnets)
+        self.params = ParamMap(document, brushes, loras, lfos, cues, controlnets)
         connection = {"name": "Connection", "pars": [
             {"name": "Nodehost", "label": "Node host", "style": "Str", "default": "127.0.0.1"},
             {"name": "Nodeport", "label": "OSC port", "style": "Int", "default": document["osc_port"],
@@ -439,7 +441,7 @@ class StreamnodeControl:
             {"name": "Prefix", "label": "Address prefix", "style": "Str", "default": ""},
             {"name": "Connect", "label": "Connect", "style": "Pulse"},
         ]}
-        for page_spec in [*self.params.pages(brushes, loras, controlnets), connection]:
+        for page_spec in [*self.params.pages(brushes, loras, lfos, cues, controlnets), connection]:
             self._build(page_spec)
         self.Connect()
 
@@ -475,7 +477,7 @@ class StreamnodeControl:
             source = self.ownerComp.op("streamnode_params")
             if source is None:
                 return
-            self.params = ParamMap(json.loads(source.text), brushes=32, loras=16, controlnets=8)
+            self.params = ParamMap(json.loads(source.text), brushes=32, loras=16, lfos=16, cues=64, controlnets=8)
         try:
             message = self.params.message(par.name, lambda n: getattr(self.ownerComp.par, n).eval())
         except ValueError as e:  # a list typed wrong: say so where the status shows

@@ -48,6 +48,7 @@ from streamnode.live_params import (
     BRUSH_ORDER_OSC,
     GROUPS,
     MAX_BRUSHES,
+    QUANTIZE_MODES,
     TRIGGERS,
     LiveParams,
     LiveState,
@@ -391,10 +392,14 @@ def _build_addresses() -> list[Param]:
         param = _from_field(NodeParams, name, key=name)
         # No schema pass: the preset is looked up by name (listing the ones there are); a model id
         # is checked by the loader.
-        params.append(dataclasses.replace(param, schema=None, finish=param.finish or _FINISH.get(name),
+        params.append(dataclasses.replace(param, schema=None if name in ("preset", "model") else NodeParams,
+                                          finish=param.finish or _FINISH.get(name),
                                           default=None if name in ("preset", "model") else param.default))
     status = next(t for t in TRIGGERS if t.key == "status")
     params.append(Param(status.address, (), None, status.description, kind="trigger"))
+    for trigger in TRIGGERS:  # the node's own actions (/cue_next, /downbeat)
+        if trigger.key not in ("status", "clear"):
+            params.append(Param(trigger.address, (), trigger.key, trigger.description, kind="trigger"))
     # The indexed groups: regional prompts ("semantic brushes"), the LoRA stack; N in 0..limit-1.
     for group in GROUPS:
         for name in group.params.model_fields:
@@ -440,6 +445,7 @@ OUT_ADDRESSES: list[tuple[str, str, str]] = [
     ("/streamnode/dropped", "i", "Input frames dropped so far (the engine was busy)."),
     ("/streamnode/skipped", "i", "Frames skipped by the similarity filter so far."),
     ("/streamnode/error", "s", "Why a message was rejected, or the node's error (to the sender / all)."),
+    ("/streamnode/beat", "i i f", "On each beat of the clock (docs/tempo.md): bar, beat in the bar (0..), bpm."),
     ("/streamnode/applied/<address>", "as sent", "Echo of each value the engine applied, e.g. "
      "/streamnode/applied/guidance f."),
 ]
@@ -478,8 +484,10 @@ def value_at(live: LiveState, param: Param, index: int | None = None) -> Any:
         return None if params is None or param.field is None else getattr(params, param.field)
     if param.key == "brush_order":
         return list(live.brush_order) or None
+    if param.key in ("preset", "model"):
+        return getattr(live.node, param.key) or None
     if param.key in NodeParams.model_fields:
-        return getattr(live.node, param.key) or (None if param.key in ("preset", "model") else False)
+        return getattr(live.node, param.key)
     if param.key in LiveParams.model_fields:
         return getattr(live.params, param.key)
     return None
@@ -632,7 +640,8 @@ class OscServer:
         live: LiveFn | None = None,
         max_brushes: int | None = None,
         max_loras: int | None = None,
-        max_controlnets: int | None = None,
+        limits: Mapping[str, int] | None = None,
+        beat: Callable[[], Any] | None = None,
         name: str = "streamnode",
     ) -> None:
         self.config = config
@@ -641,11 +650,9 @@ class OscServer:
         self._live: LiveFn = live or LiveState
         self.max_brushes = _default(RuntimeConfig, "max_brushes") if max_brushes is None else max_brushes
         self.max_loras = _default(RuntimeConfig, "max_loras") if max_loras is None else max_loras
-        self.max_controlnets = (
-            _default(RuntimeConfig, "max_controlnets") if max_controlnets is None else max_controlnets
-        )
-        self.limits: dict[str, int] = {"brush": self.max_brushes, "lora": self.max_loras,
-                                       "controlnet": self.max_controlnets}
+        self.limits: dict[str, int] = {g.name: _default(RuntimeConfig, g.limit) for g in GROUPS}
+        self.limits.update({"brush": self.max_brushes, "lora": self.max_loras, **(limits or {})})
+        self._beat = beat  # the tempo's position (node/tempo.py): /streamnode/beat on each beat
         self.name = name
         self._prefix = config.prefix
         self._allow = [ipaddress.ip_network(a, strict=False) for a in config.allow]
@@ -887,6 +894,14 @@ class OscServer:
             return
         if local.startswith("/streamnode/"):
             return  # our own replies looped back by a surface: never answer them (no ping-pong)
+        grid = ""
+        if local.startswith("/at/"):  # /at/<grid>/<address>: this one change waits for its grid line
+            grid, _, rest = local[4:].partition("/")
+            if grid not in QUANTIZE_MODES or grid == "off" or not rest:
+                self._reject(host, "at", f"{address}: use /at/<grid>/<address> with grid one of "
+                             + ", ".join(m for m in QUANTIZE_MODES if m != "off"), address)
+                return
+            local = "/" + rest
         found = lookup(local, self.limits)
         if found is None:
             self._reject(host, "unknown", self._unknown_reason(address, local), address)
@@ -901,9 +916,10 @@ class OscServer:
         except OscReject as e:
             self._reject(host, local, str(e), address)
             return
-        self._accept(param, index, param_address(param, index), value, data, host)
+        self._accept(param, index, param_address(param, index), value, data, host, grid)
 
-    def _accept(self, param: Param, index: int | None, local: str, value: Any, data: bytes, host: str) -> None:
+    def _accept(self, param: Param, index: int | None, local: str, value: Any, data: bytes, host: str,
+                grid: str = "") -> None:
         if param.kind == "trigger":
             if value is not None:  # a level: only 0→1 fires; a CHOP repeating 1 does nothing
                 with self._memo_lock:
@@ -917,9 +933,10 @@ class OscServer:
             if param.key is None:  # /status
                 self._outbox.append(("status", self._target(host)))
             else:
-                self.queue.put(Update(param.key, (index, param.field, None), origin=local))
+                self.queue.put(Update(param.key, (index, param.field, None), origin=local, quantize=grid))
             return
-        update = Update(param.key or "", (index, param.field, value) if index is not None else value, origin=local)
+        update = Update(param.key or "", (index, param.field, value) if index is not None else value, origin=local,
+                        quantize=grid)
         if self._in_force(update, param, index, value):
             with self._memo_lock:
                 self._remember_locked(local, data)
@@ -1049,9 +1066,12 @@ class OscServer:
         next_poll = next_beat = time.monotonic()
         last_state: Any = None
         last_error: Any = None
+        last_beat: int | None = None
         while not stop.wait(_SEND_TICK_S):
             try:
                 self._flush_outbox()
+                if self._beat is not None:
+                    last_beat = self._send_beat(last_beat)
                 self._echo_changes()
                 if self._oscquery is not None:
                     self._oscquery.publish(*self._tree.changes(self._live()))
@@ -1076,6 +1096,15 @@ class OscServer:
             except Exception:  # a bad status() must not silence the heartbeat for good
                 if self._log_limit("send-loop") is not None:
                     logger.exception("OSC: error in the reply thread (still running)")
+
+    def _send_beat(self, last: int | None) -> int:
+        """/streamnode/beat bar beat bpm when a new beat began (within one send tick of it)."""
+        position = self._beat()  # type: ignore[misc]
+        whole = math.floor(position.beat)
+        if whole != last and last is not None:
+            self._send_all("/streamnode/beat", [("i", position.bar), ("i", position.beat_in_bar),
+                                                ("f", float(position.bpm))])
+        return whole
 
     def _flush_outbox(self) -> None:
         while self._outbox:

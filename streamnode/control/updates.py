@@ -10,8 +10,9 @@ the error. The values in force are not kept here: the engine and the node report
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from streamnode.live_params import GROUPS, LiveParams, NodeParams
@@ -24,7 +25,7 @@ _GROUP_NAMES = frozenset(g.name for g in GROUPS)
 STATES = ("starting", "loading_model", "building_engine", "warming_up", "streaming", "paused", "error")
 """The node's lifecycle states: `Node.status()["state"]`, reported as /streamnode/state."""
 
-NODE_KEYS = frozenset({*NodeParams.model_fields, *(g.name for g in GROUPS)})
+NODE_KEYS = frozenset({*NodeParams.model_fields, *(g.name for g in GROUPS), "cue_next", "downbeat"})
 """Keys the node handles itself (the schema's NodeParams; the indexed groups', brush and lora, whose
 values are `(index, field, value)` tuples, field a BrushParams / LoraParams field or "clear")."""
 
@@ -34,6 +35,9 @@ class Update:
     key: str
     value: Any
     origin: str = ""  # the OSC address (or "cli") it came from, echoed back as applied/<origin>
+    quantize: str = ""  # a grid of its own (/at/<grid>/<address>): held until then; "" follows /quantize
+    at: float = field(default_factory=time.monotonic, compare=False)
+    """When it arrived: a quantized change waits for the grid line after its arrival (node/tempo.py)."""
 
     @property
     def slot(self) -> str:

@@ -25,6 +25,7 @@ from streamnode.live_params import MASK_SOURCES, LiveState
 from streamnode.log_limit import LogLimiter, held_text
 from streamnode.node.lora_loader import LoraJob, LoraLoader
 from streamnode.node.model_switch import LoadJob
+from streamnode.node.tempo import TEMPO_KEYS
 
 if TYPE_CHECKING:
     from streamnode.node.lifecycle import Node
@@ -55,16 +56,24 @@ class Applier:
         self._commit_planned(node.lora_loader)
         self._commit_planned(node.controlnet_loader)
         for update in node.queue.drain():
-            try:
-                self.apply(update)
-            except Deferred:
-                continue
-            except Exception as e:  # noqa: BLE001 - a bad value is reported, never fatal
-                self.failed(update, str(e) or type(e).__name__)
-                continue
-            node.publish_live()  # before the report: whoever hears of it reads the new state
-            node.queue.report(update)
+            if not node.tempo.hold(update):  # a quantized change waits for its beat (node/tempo.py)
+                self.apply_one(update)
         node.control_maps.sync(node.live().controlnets)
+
+    def apply_one(self, update: Update) -> None:
+        """Apply one update and report it (applied, or why not)."""
+        node = self.node
+        try:
+            self.apply(update)
+        except Deferred:
+            return
+        except Exception as e:  # noqa: BLE001 - a bad value is reported, never fatal
+            self.failed(update, str(e) or type(e).__name__)
+            return
+        node.publish_live()  # before the report: whoever hears of it reads the new state
+        node.queue.report(update)
+        if update.key == "controlnet":  # its map worker starts now, also for a change released on its beat
+            node.control_maps.sync(node.live().controlnets)
 
     def failed(self, update: Update, reason: str) -> None:
         node = self.node
@@ -96,6 +105,10 @@ class Applier:
             self.apply_lora(update, engine)
         elif key == "controlnet":
             self.apply_controlnet(update, engine)
+        elif key in TEMPO_KEYS:
+            node.tempo.apply(update, self)
+            if key not in ("cue", "cue_next"):
+                return  # tempo settings, LFOs, cues: the look is still the preset's
         else:
             raise ValueError(f"unknown control key {key!r}")
         if node.switches.preset:
@@ -132,6 +145,7 @@ class Applier:
         for index, fields in wanted.items():
             if state.controlnets.get(index) is None or state.controlnets[index].model_dump() != fields:
                 self.apply_controlnet(Update("controlnet", (index, fields), origin=""), engine, deferred_ok=True)
+        node.tempo.replace_all(cfg.lfos, cfg.cues)
         node.set_switches(preset=name)
         now = node.config
         fixed = [k for k in ("width", "height", "frame_buffer_size", "cfg_type", "mode")

@@ -104,6 +104,9 @@ class EngineLoop:
             if self._between_frames() or history.maxlen != self._engine().delay_calls + 1:
                 history = deque(history, maxlen=self._engine().delay_calls + 1)
             frame = get(TICK_S)
+            # Right before the call (a frame is here): held changes due on the beat, LFOs. Also
+            # while paused, bypassed or waiting for a frame: a held change is never stuck.
+            node.tempo.before_call(self.applier)
             if frame is None:
                 if ring.ended:
                     break
@@ -150,6 +153,7 @@ class EngineLoop:
         while not stop.wait(max(0.0, next_due - time.monotonic())) and not node.outputs.complete.is_set():
             next_due = max(next_due + interval, time.monotonic() - interval)
             self._between_frames()
+            node.tempo.before_call(self.applier)
             if node.switches.pause:
                 continue
             t_capture = time.monotonic_ns()

@@ -35,6 +35,8 @@ from streamnode.node.metrics import LatencyWindow, RateMeter
 from streamnode.node.model_switch import ModelLoader
 from streamnode.node.presenter import GroupPresenter
 from streamnode.node.sinks import Outputs, SinkWorker, close_quietly, make_slot
+from streamnode.node.tempo import Tempo, make_clock
+from streamnode.tempo.clock import Clock
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +54,16 @@ class Node:
 
     `engine_factory(config)` builds an engine (default: `build_engine`, with TensorRT build
     progress shown on the console); the engine thread calls it at start, the model loader on
-    a model switch. `status()` and `live()` are safe to call from any thread.
+    a model switch. `clock` replaces the one `config.tempo` asks for (tests, benchmarks: a
+    clock whose beats fall at known times; docs/tempo.md). `status()` and `live()` are safe to call from any thread.
 
     Who writes what: the engine thread writes the engine, the switches (pause, bypass, preset),
     the published `LiveState`, the state and the error; the capture thread its counters; each
     sink thread its slot's counters; the one output writer `frames_out`.
     """
 
-    def __init__(self, config: NodeConfig, *, engine_factory: EngineFactory | None = None) -> None:
+    def __init__(self, config: NodeConfig, *, engine_factory: EngineFactory | None = None,
+                 clock: Clock | None = None) -> None:
         self.config = config
         self.engine_factory: EngineFactory = engine_factory or self._build_engine
         self._progress: Callable[[Any], None] | None = None
@@ -74,7 +78,11 @@ class Node:
         self._fatal: str | None = None
         self.engine: Engine | None = None
         self._last_stats: dict[str, int] = {}  # the engine's counters after it was closed
-        self.switches = NodeParams()
+        t = config.tempo
+        self.switches = NodeParams(bpm=t.bpm, quantize=t.quantize, cue_every=t.cue_every)
+        self._own_clock = clock is None  # made from config.tempo at start (Link joins the network then)
+        self.tempo = Tempo(self, clock)
+        self._surfaces: Any = None
         self._live = LiveState()
         self.mask_channels = MaskChannels()
         self.loader = ModelLoader(lambda cfg: self.engine_factory(cfg))
@@ -121,9 +129,11 @@ class Node:
         self._t_start = time.monotonic()
         try:
             self._open_transports()
+            self._start_tempo()
             self._start_osc()
         except BaseException:
             self._close_transports()
+            self.tempo.close()
             raise
         self._spawn("engine", self._engine_loop.run, self._engine_stop, restart=False)
         if self.presenter is not None:
@@ -157,6 +167,23 @@ class Node:
         except OSError as e:
             raise StartupError(f"{e}") from None
 
+    def _start_tempo(self) -> None:
+        """The clock the config asks for, and the MIDI and Art-Net surfaces (control/surfaces.py)."""
+        if self._own_clock and self.config.tempo.source != "internal":
+            try:
+                self.tempo.clock = make_clock(self.config)
+            except RuntimeError as e:
+                raise StartupError(str(e)) from None
+        from streamnode.node.surfaces import Surfaces
+
+        self._surfaces = Surfaces(self.config, self.queue, live=self.live, clock=self.tempo.clock)
+        try:
+            self._surfaces.open()
+        except (OSError, ValueError, RuntimeError) as e:
+            raise StartupError(str(e)) from None
+        for name, work in self._surfaces.workers():
+            self._spawn(name, work, self._surfaces.stop_event, restart=True)
+
     def _start_osc(self) -> None:
         if not self.config.osc.enabled:
             return
@@ -165,9 +192,11 @@ class Node:
         except ImportError as e:
             # A broken install must not run a show without its control surface.
             raise StartupError(f"OSC control cannot be loaded ({e}); reinstall streamnode, or run with --no-osc") from e
+        rt = self.config.runtime
         self._osc = OscServer(self.config.osc, self.queue, self.status, live=self.live,
-                              max_brushes=self.config.runtime.max_brushes, max_loras=self.config.runtime.max_loras,
-                              max_controlnets=self.config.runtime.max_controlnets)
+                              max_brushes=rt.max_brushes, max_loras=rt.max_loras,
+                              limits={"lfo": rt.max_lfos, "cues": rt.max_cues, "controlnet": rt.max_controlnets},
+                              beat=self.tempo.position)
         try:
             self._osc.start()
         except OscStartError as e:
@@ -221,6 +250,8 @@ class Node:
             return max(0.0, deadline - time.monotonic() - reserve)
 
         self._capture_stop.set()
+        if self._surfaces is not None:
+            self._surfaces.stop_event.set()  # MIDI and Art-Net readers: nothing more to the queue
         self.ring.close()
         self._engine_stop.set()
         self._aborted.set()
@@ -241,6 +272,8 @@ class Node:
         for slot in self.outputs.slots:
             if slot.thread is not None:
                 slot.thread.join(left(0.1))
+        if self._surfaces is not None:
+            self._surfaces.close(min(0.5, left(0.1)))
         stuck = self.busy_threads()
         if stuck:
             logger.warning("threads still busy at the shutdown deadline: %s", ", ".join(stuck))
@@ -248,6 +281,7 @@ class Node:
         if self._osc is not None:
             self._osc.stop(max(0.2, left()))
             self._osc = None
+        self.tempo.close()
         logger.info("stopped: %s", self.summary())
 
     def finish_output(self) -> None:
@@ -316,7 +350,8 @@ class Node:
                     brush = brushes[index]
                     brushes[index] = BrushState(brush.params.model_copy(update={"shm": uri}), brush.mask_array)
             state = state.replace(brushes=brushes)
-        self._live = state.replace(node=self.switches.model_copy(update={"model": self.config.model.id}))
+        self._live = state.replace(node=self.switches.model_copy(update={"model": self.config.model.id}),
+                                   lfos=self.tempo.lfos, cues=self.tempo.cues)
 
     def live(self) -> LiveState:
         """Every live value in force (immutable; any thread)."""
@@ -343,6 +378,7 @@ class Node:
             self._t_streaming = time.monotonic()
         else:
             self._engine_ms = ms if self._engine_ms == 0.0 else 0.9 * self._engine_ms + 0.1 * ms
+            self.tempo.call_done(ms)
         if self._state in ("warming_up", "error"):
             self._state = "paused" if self.switches.pause else "streaming"
 
@@ -357,6 +393,11 @@ class Node:
         self._error = message
         self._state = "error"
         self._fatal = message
+
+    @property
+    def engine_ms(self) -> float:
+        """The engine call time, smoothed (0 before the second call), for status and logs."""
+        return self._engine_ms
 
     @property
     def frames_in(self) -> int:
@@ -443,6 +484,7 @@ class Node:
             "controlnets": {str(i): p.model_dump(mode="json") for i, p in live.controlnets.items()},
             "control_maps_in": self.control_maps.status(),
             "control_map_errors": self.control_maps.errors(),
+            "tempo": self.tempo.status(),
             "size": [self.width, self.height],
             "uptime_s": round(time.monotonic() - self._t_start, 2) if self._t_start else 0.0,
         }
