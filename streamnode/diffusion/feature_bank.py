@@ -3,7 +3,7 @@
 Each self-attention layer (`attn1` of every transformer block) of the UNet keeps, for every row
 of the stream batch, the keys, values and outputs of up to M earlier frames at the same stage:
 
-    K' = [K ; K_bank],  V' = [V ; V_bank]                the N new tokens attend to (1 + m)·N tokens
+    K' = [K ; K_bank],  V' = [V ; V_bank]                the N new tokens attend to (1 + M)·N tokens
     O  = to_out(softmax(Q·K'ᵀ/√d)·V')
     O ← O + w·(O_near − O),  w = fusion·[cos(O, O_near) ≥ threshold]
                                                          O_near: the banked output most similar to O
@@ -11,50 +11,100 @@ of the stream batch, the keys, values and outputs of up to M earlier frames at t
 so a static scene keeps the texture it had instead of re-imagining it every frame. The bank of
 a row holds that row's features from earlier calls: row k·F + f is always stage k, so a stage
 is only ever compared with the same noise level. The bank is written every `interval`
-processed calls, into a ring of M slots (attention and the nearest match do not depend on the
-slots' order).
+processed calls into a ring of M slots (attention and the nearest match do not depend on the
+slots' order); a slot not yet written is masked out (−inf before the softmax, never nearest),
+which is exactly as if it were not there.
 
 Off, nothing is installed: the UNet's own processors run (`FeatureBank.install` / `remove`).
 Installed but not armed (another engine sharing the UNet, or a call outside the stream), a
-processor computes plain attention. `banked_attention` is the math as a pure function of
-tensors, shared with the stateless export (accel/onnx_export.py), where the bank goes in and out
-of the graph as explicit inputs and outputs.
+processor computes plain attention.
+
+Stateless engines (an ONNX graph, a TensorRT engine): the bank goes in and out of the UNet as
+explicit tensors (`BankIO`, `BankedUNetStep`): per layer K, V, O of the call's rows in, this
+call's K, V, O out; the engine keeps the ring and writes the outputs into it, the graph holds no
+state. A seam that takes the bank says so with a `banked = True` attribute and receives
+`bank=BankIO` (keyword-only).
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
+Features = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""(K, V, O) of one layer, each (rows, tokens, channels)."""
 
 
-def self_attention_layers(unet: torch.nn.Module) -> list[tuple[str, Any]]:
-    """The UNet's self-attention modules (`…attn1`), in module order: the banked layers."""
-    return [(name, module) for name, module in unet.named_modules() if name.endswith("attn1")]
+@dataclass
+class BankIO:
+    """The bank as the explicit tensors of one UNet call.
+
+    layers: per banked layer, the bank rows of this call as (K, V, O), each (rows, M·N, C) with
+    slot s at tokens s·N … (s+1)·N, or None (an empty bank: plain attention). valid: (M,) bool,
+    the slots written (None: all). recorded: filled by the call with its own (K, V, O) per layer."""
+
+    layers: list[Features | None]
+    valid: torch.Tensor | None
+    fusion: float | torch.Tensor
+    threshold: float | torch.Tensor
+    recorded: list[Features | None] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BankLayer:
+    """One banked self-attention layer: its module name, the module, its level (tokens at latent
+    size / 2^level per side) and width."""
+
+    name: str
+    module: Any
+    level: int
+    channels: int
+
+    def tokens(self, latent_hw: tuple[int, int]) -> int:
+        # Each downsampling is a stride-2 convolution with padding 1: ⌈n/2⌉.
+        h, w = latent_hw
+        for _ in range(self.level):
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+        return h * w
+
+
+def self_attention_layers(unet: torch.nn.Module) -> list[BankLayer]:
+    """The UNet's self-attention modules (`…attn1`) in module order, with their levels."""
+    levels = len(unet.config.block_out_channels)
+    found = []
+    for name, module in unet.named_modules():
+        if not name.endswith("attn1"):
+            continue
+        block, _, rest = name.partition(".")
+        if block == "down_blocks":
+            level = int(rest.split(".")[0])
+        elif block == "up_blocks":
+            level = levels - 1 - int(rest.split(".")[0])
+        else:  # mid_block
+            level = levels - 1
+        found.append(BankLayer(name, module, level, int(module.to_k.out_features)))
+    return found
 
 
 def banked_attention(
     attn: Any,
     hidden: torch.Tensor,
-    bank_k: torch.Tensor | None,
-    bank_v: torch.Tensor | None,
-    bank_out: torch.Tensor | None,
+    bank: Features | None,
     valid: torch.Tensor | None,
     fusion: float | torch.Tensor,
     threshold: float | torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One self-attention layer with a bank: (output, K, V, O) for hidden (rows, N, C).
+) -> tuple[torch.Tensor, Features]:
+    """One self-attention layer with a bank, on hidden (rows, N, C): (output, this call's (K, V, O)).
 
-    bank_k, bank_v, bank_out: (rows, M·N, C) earlier frames' keys, values and outputs, or None
-    (plain attention). valid: (M·N,) bool, the tokens of filled slots (None: all). Returns the
-    layer's output (fused) and the new K, V and O (what the bank records; O is fused too, so a
-    kept texture stays kept). Diffusers' Attention module supplies the projections.
+    bank: (K, V, O) of earlier frames, each (rows, M·N, C), or None (plain attention). valid:
+    (M,) bool, the slots written (None: all). The recorded O is the fused one, so a kept texture
+    stays kept. Diffusers' Attention module supplies the projections.
     """
     rows, tokens, _ = hidden.shape
     heads = attn.heads
@@ -62,30 +112,35 @@ def banked_attention(
     head_dim = key.shape[-1] // heads
 
     def split(x: torch.Tensor) -> torch.Tensor:
-        return x.view(rows, -1, heads, head_dim).transpose(1, 2)
+        return x.reshape(rows, -1, heads, head_dim).transpose(1, 2)
 
     mask = None
-    if bank_k is None:
+    if bank is None:
         keys, values = key, value
     else:
-        keys, values = torch.cat([key, bank_k], dim=1), torch.cat([value, bank_v], dim=1)  # type: ignore[list-item]
+        keys, values = torch.cat([key, bank[0]], dim=1), torch.cat([value, bank[1]], dim=1)
         if valid is not None:
-            # Empty slots get −inf before the softmax: exactly as if they were not there.
-            keep = torch.cat([torch.ones(tokens, dtype=torch.bool, device=valid.device), valid])
+            # Unwritten slots get −inf before the softmax: exactly as if they were not there.
+            slots = valid.shape[0]
+            banked = valid.view(slots, 1).expand(slots, tokens).reshape(1, slots * tokens)
+            keep = torch.cat([torch.ones_like(banked[:, :tokens]), banked], dim=1)
             mask = keep.view(1, 1, 1, -1)
     out = F.scaled_dot_product_attention(split(query), split(keys), split(values), attn_mask=mask)
     out = out.transpose(1, 2).reshape(rows, tokens, heads * head_dim).to(query.dtype)
     out = attn.to_out[1](attn.to_out[0](out))
-    if bank_out is not None:
-        # Fusion: each token moves towards its nearest banked output when they already agree.
-        sim = torch.matmul(F.normalize(out, dim=-1), F.normalize(bank_out, dim=-1).transpose(1, 2))
+    if bank is not None:
+        # Fusion: each token moves towards its most similar banked output when they already agree.
+        banked_out = bank[2]
+        sim = torch.matmul(F.normalize(out, dim=-1), F.normalize(banked_out, dim=-1).transpose(1, 2))
         if valid is not None:
-            sim = sim.masked_fill(~valid.view(1, 1, -1), -2.0)
+            slots = valid.shape[0]
+            written = valid.view(slots, 1).expand(slots, tokens).reshape(1, 1, slots * tokens)
+            sim = sim.masked_fill(~written, -2.0)  # below any threshold (≥ 0): never nearest enough
         best, index = sim.max(dim=-1)
-        nearest = torch.gather(bank_out, 1, index.unsqueeze(-1).expand(-1, -1, out.shape[-1]))
+        nearest = torch.gather(banked_out, 1, index.unsqueeze(-1).expand(-1, -1, out.shape[-1]))
         weight = (best >= threshold).to(out.dtype).unsqueeze(-1) * fusion
         out = out + weight * (nearest - out)
-    return out, key, value, out
+    return out, (key, value, out)
 
 
 class _BankedProcessor:
@@ -98,37 +153,53 @@ class _BankedProcessor:
         self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **kwargs: Any,
     ) -> torch.Tensor:
-        if not self.bank.armed or encoder_hidden_states is not None or attention_mask is not None:
+        io = self.bank.io
+        if io is None or encoder_hidden_states is not None or attention_mask is not None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        return self.bank.attend(self.layer, attn, hidden_states)
+        return _attend(attn, hidden_states, io, self.layer)
+
+
+def _attend(attn: Any, hidden: torch.Tensor, io: BankIO, layer: int) -> torch.Tensor:
+    """diffusers' Attention around `banked_attention`: 4-D blocks, residual, output rescale."""
+    if attn.group_norm is not None or attn.spatial_norm is not None or attn.norm_q is not None:
+        raise NotImplementedError("the feature bank supports the plain self-attention of SD/SDXL UNets")
+    input_ndim = hidden.ndim
+    if input_ndim == 4:
+        rows, channels, height, width = hidden.shape
+        hidden = hidden.view(rows, channels, height * width).transpose(1, 2)
+    residual = hidden
+    out, recorded = banked_attention(attn, hidden, io.layers[layer], io.valid, io.fusion, io.threshold)
+    io.recorded[layer] = recorded
+    if attn.residual_connection:
+        out = out + residual
+    if input_ndim == 4:
+        out = out.transpose(-1, -2).reshape(rows, channels, height, width)
+    return out / attn.rescale_output_factor
 
 
 class FeatureBank:
-    """The bank of one engine: per attn1 layer, per UNet row, M earlier frames' K, V and outputs.
+    """The bank of one engine: per attn1 layer and UNet row, M earlier frames' K, V and outputs.
 
-    Storage is allocated once per (rows, M) and reused: per layer K, V, O as (rows, M·N, C). The
-    engine arms it around its own UNet calls (`call`), says which bank rows the call's rows are
-    (None: all, the stream call) and whether to record, and commits a recorded call after the
-    frame succeeded (`commit`): a failed frame leaves the bank as it was.
+    Storage, allocated once per (rows, M): per layer K, V, O as (rows, M·N, C). The engine arms
+    it around its own UNet calls (`call`, which also gives stateless seams their `BankIO`), says
+    which bank rows the call's rows are (None: all, the stream call) and whether to record, and
+    commits a recorded call once its frame succeeded (`commit`): a failed frame leaves the bank
+    as it was.
     """
 
-    def __init__(self, unet: torch.nn.Module) -> None:
+    def __init__(self, unet: torch.nn.Module, latent_hw: tuple[int, int]) -> None:
         self._unet = unet
-        self._layers = self_attention_layers(unet)
+        self._latent_hw = latent_hw
+        self.layers = self_attention_layers(unet)
         self._originals: list[Any] | None = None
         self.size = 4
         self.fusion = 0.8
         self.threshold = 0.98
-        self.armed = False
+        self.io: BankIO | None = None  # set while armed
         self._rows = 0
-        self._select: torch.Tensor | None = None
-        self._record = False
-        # Per layer: (rows, M·N, C) K, V, O; the call's new K, V, O until commit; filled slots.
-        self._k: list[torch.Tensor | None] = [None] * len(self._layers)
-        self._v: list[torch.Tensor | None] = [None] * len(self._layers)
-        self._o: list[torch.Tensor | None] = [None] * len(self._layers)
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(self._layers)
-        self._valid: list[torch.Tensor | None] = [None] * len(self._layers)
+        self._storage: list[Features] = []
+        self._valid = torch.zeros(self.size, dtype=torch.bool)
+        self._pending: list[Features | None] | None = None
         self.filled = 0
         self._next = 0
 
@@ -136,117 +207,146 @@ class FeatureBank:
     def installed(self) -> bool:
         return self._originals is not None
 
-    @property
-    def layers(self) -> int:
-        return len(self._layers)
-
     def install(self) -> None:
         """Put the banked processors on the UNet's attn1 layers (the originals are kept)."""
         if self._originals is not None:
             return
-        self._originals = [module.processor for _, module in self._layers]
-        for i, (_, module) in enumerate(self._layers):
-            module.set_processor(_BankedProcessor(self, i, self._originals[i]))
+        self._originals = [layer.module.processor for layer in self.layers]
+        for i, layer in enumerate(self.layers):
+            layer.module.set_processor(_BankedProcessor(self, i, self._originals[i]))
 
     def remove(self) -> None:
-        """Give the UNet its own processors back and forget the bank. Safe twice."""
+        """Give the UNet its own processors back and free the storage. Safe twice."""
         if self._originals is not None:
-            for (_, module), original in zip(self._layers, self._originals, strict=True):
-                module.set_processor(original)
+            for layer, original in zip(self.layers, self._originals, strict=True):
+                layer.module.set_processor(original)
             self._originals = None
-        self.reset(rows=0)
+        self._storage = []
+        self._rows = 0
 
     def configure(self, *, size: int, fusion: float, threshold: float) -> None:
         """New settings; a new size empties the bank (its storage is sized by it)."""
+        self.fusion, self.threshold = fusion, threshold
         if size != self.size:
             self.size = size
+            self._storage = []
             self.reset()
-        self.fusion, self.threshold = fusion, threshold
 
     def reset(self, rows: int | None = None) -> None:
-        """Empty the bank (and size it for `rows` UNet rows when given): a new layout or a new stream."""
+        """Empty the bank; sized for `rows` UNet rows when given (a new layout)."""
+        with torch.inference_mode():  # the storage is written under the engine's inference mode
+            self._reset(rows)
+
+    def _reset(self, rows: int | None) -> None:
         if rows is not None and rows != self._rows:
             self._rows = rows
-            self._k = [None] * len(self._layers)
-            self._v = [None] * len(self._layers)
-            self._o = [None] * len(self._layers)
-        self._pending = [None] * len(self._layers)
-        self._valid = [None] * len(self._layers)
+            self._storage = []
+        if not self._storage and self._rows:
+            param = next(self._unet.parameters())
+            self._storage = [
+                tuple(  # type: ignore[misc]
+                    torch.zeros((self._rows, self.size * layer.tokens(self._latent_hw), layer.channels),
+                                device=param.device, dtype=param.dtype)
+                    for _ in range(3)
+                )
+                for layer in self.layers
+            ]
+            self._valid = torch.zeros(self.size, dtype=torch.bool, device=param.device)
+        self._valid.zero_()
+        self._pending = None
         self.filled = 0
         self._next = 0
 
+    def storage(self) -> list[Features]:
+        """Per layer (K, V, O) of every row, (rows, M·N, C): the ring itself (tests, exports)."""
+        return self._storage
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(M,) bool: the slots written so far."""
+        return self._valid
+
     @contextmanager
-    def call(self, select: torch.Tensor | None = None, *, record: bool = False) -> Iterator[None]:
-        """Arm the processors for one UNet call of this engine.
+    def call(self, select: torch.Tensor | None = None, *, record: bool = False, full: bool = False) -> Iterator[BankIO]:
+        """Arm the processors for one UNet call of this engine; yields the call's `BankIO`.
 
-        select: the bank rows of the call's rows (None: the call is the stream batch, every row);
-        record: keep this call's K, V, O for `commit`."""
-        self.armed, self._select, self._record = True, select, record
+        select: the bank rows of the call's rows (None: every row, the stream call). record: keep
+        the call's features for `commit`. full: give every layer's tensors and the slot mask even
+        while the bank is empty or full (a graph with fixed inputs); otherwise an empty bank is
+        plain attention and a full one needs no mask."""
+        empty = self.filled == 0 or not self._storage
+        if empty and not full:
+            layers: list[Features | None] = [None] * len(self.layers)
+        elif select is None:
+            layers = list(self._storage)
+        else:
+            layers = [tuple(t.index_select(0, select) for t in kvo) for kvo in self._storage]  # type: ignore[misc]
+        valid = self._valid if full or self.filled < self.size else None
+        io = BankIO(layers, valid, self.fusion, self.threshold, recorded=[None] * len(self.layers))
+        self.io = io
         try:
-            yield
+            yield io
         finally:
-            self.armed, self._select, self._record = False, None, False
-
-    def attend(self, layer: int, attn: Any, hidden: torch.Tensor) -> torch.Tensor:
-        """One armed layer: banked attention over the call's rows of the bank."""
-        input_ndim = hidden.ndim
-        if input_ndim == 4:  # (rows, C, h, w) blocks: attention runs on (rows, h·w, C)
-            rows, channels, height, width = hidden.shape
-            hidden = hidden.view(rows, channels, height * width).transpose(1, 2)
-        if attn.group_norm is not None or attn.spatial_norm is not None or attn.norm_q is not None:
-            raise NotImplementedError("the feature bank supports the plain self-attention of SD UNets")
-        residual = hidden
-        bank = self._bank_rows(layer, hidden)
-        out, key, value, recorded = banked_attention(
-            attn, hidden, *bank, valid=self._valid[layer] if bank[0] is not None and self.filled < self.size else None,
-            fusion=self.fusion, threshold=self.threshold,
-        )
-        if self._record:
-            self._pending[layer] = (key, value, recorded)
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(rows, channels, height, width)
-            residual = residual.transpose(-1, -2).reshape(rows, channels, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
-
-    def _bank_rows(
-        self, layer: int, hidden: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        k, v, o = self._k[layer], self._v[layer], self._o[layer]
-        if self.filled == 0 or k is None or v is None or o is None:
-            return None, None, None
-        if self._select is None:
-            if k.shape[0] != hidden.shape[0]:
-                raise ValueError(f"the feature bank holds {k.shape[0]} rows, the UNet call has {hidden.shape[0]}")
-            return k, v, o
-        return k.index_select(0, self._select), v.index_select(0, self._select), o.index_select(0, self._select)
+            self.io = None
+        if record:
+            self._pending = io.recorded
 
     def commit(self) -> None:
         """Write the recorded call into the next ring slot (after its frame succeeded)."""
-        if self._pending[0] is None:
+        pending, self._pending = self._pending, None
+        if pending is None or any(p is None for p in pending) or not self._storage:
             return
         slot = self._next
-        for layer, pending in enumerate(self._pending):
-            assert pending is not None
-            key, value, out = pending
-            rows, tokens, channels = key.shape
-            if self._k[layer] is None:
-                shape = (rows, self.size * tokens, channels)
-                self._k[layer] = key.new_zeros(shape)
-                self._v[layer] = key.new_zeros(shape)
-                self._o[layer] = key.new_zeros(shape)
-            if self._valid[layer] is None:
-                self._valid[layer] = torch.zeros(self.size * tokens, dtype=torch.bool, device=key.device)
-            span = slice(slot * tokens, (slot + 1) * tokens)
-            self._k[layer][:, span] = key  # type: ignore[index]
-            self._v[layer][:, span] = value  # type: ignore[index]
-            self._o[layer][:, span] = out  # type: ignore[index]
-            self._valid[layer][span] = True  # type: ignore[index]
-        self._pending = [None] * len(self._layers)
+        for stored, recorded in zip(self._storage, pending, strict=True):
+            assert recorded is not None
+            tokens = recorded[0].shape[1]
+            for ring, new in zip(stored, recorded, strict=True):
+                ring[:, slot * tokens : (slot + 1) * tokens] = new
+        self._valid[slot] = True
         self._next = (slot + 1) % self.size
         self.filled = min(self.filled + 1, self.size)
 
     def discard(self) -> None:
         """Forget a recorded call whose frame failed."""
-        self._pending = [None] * len(self._layers)
+        self._pending = None
+
+
+class BankedUNetStep(torch.nn.Module):
+    """The UNet with the bank as explicit inputs and outputs, for export (the graph holds no state):
+
+        (sample, timestep, encoder_hidden_states, valid (M,), fusion (), threshold (),
+         K_0, V_0, O_0, K_1, …)  →  (ε, K_0', V_0', O_0', K_1', …)
+
+    K_i, V_i, O_i: layer i's bank rows (rows, M·N_i, C_i); the outputs: this call's (rows, N_i, C_i).
+    The bank's processors must be installed (`FeatureBank.install`)."""
+
+    def __init__(self, unet: torch.nn.Module, bank: FeatureBank) -> None:
+        super().__init__()
+        self.unet = unet
+        self._bank = bank
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+        valid: torch.Tensor, fusion: torch.Tensor, threshold: torch.Tensor, *features: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        n = len(self._bank.layers)
+        layers: list[Features | None] = [
+            (features[3 * i], features[3 * i + 1], features[3 * i + 2]) for i in range(n)
+        ]
+        io = BankIO(layers, valid, fusion, threshold, recorded=[None] * n)
+        self._bank.io = io
+        try:
+            eps = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        finally:
+            self._bank.io = None
+        return (eps, *(t for kvo in io.recorded for t in kvo))  # type: ignore[union-attr]
+
+
+def bank_io_names(layers: Sequence[BankLayer]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The bank's graph inputs (after the seam's three) and outputs (after ε), in order."""
+    inputs = ["bank_valid", "bank_fusion", "bank_threshold"]
+    outputs = []
+    for i in range(len(layers)):
+        inputs += [f"bank_k{i}", f"bank_v{i}", f"bank_o{i}"]
+        outputs += [f"new_k{i}", f"new_v{i}", f"new_o{i}"]
+    return tuple(inputs), tuple(outputs)

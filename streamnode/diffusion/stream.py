@@ -189,6 +189,7 @@ class StreamEngine:
             return unet(x, t, encoder_hidden_states=emb, added_cond_kwargs=added_cond, return_dict=False)[0]
 
         self.unet_call: UnetCall = eager_unet
+        self._eager_unet = eager_unet  # the feature bank's path when a backend cannot take the bank
         # The model family's conditioning (conditioning.py): packs prompts, unpacks rows for the seam.
         self._conditioning = components.conditioning
         self.vae_encode: VaeCall = components.encode_image
@@ -254,6 +255,7 @@ class StreamEngine:
         # Temporal consistency (docs/temporal.md): the feature bank exists (its processors on the
         # UNet) only while it is on; the smoother's buffers are small and always there.
         self._bank: FeatureBank | None = None
+        self._bank_fallback_logged = False
         self._bank_tick = 0  # processed calls since the stream (re)started: every interval-th records
         self._smoother = OutputSmoother(self.latent_shape, self.frame_buffer_size, device=self.device, dtype=self.dtype)
         self.prepare()
@@ -528,7 +530,7 @@ class StreamEngine:
     def _configure_temporal(self, params: LiveParams) -> None:
         """Bring the bank and the smoother to the parameters in force (cheap when nothing changed)."""
         if params.feature_bank and self._bank is None:
-            bank = FeatureBank(self.components.unet)
+            bank = FeatureBank(self.components.unet, self.latent_shape[1:])
             bank.install()
             bank.reset(rows=self.batch_rows)
             self._set_bank(bank)
@@ -719,11 +721,21 @@ class StreamEngine:
         features for the bank (committed when the frame succeeds)."""
         self.stats["unet_calls"] += 1
         hidden, added = self._conditioning.unet_inputs(emb, height=self.height, width=self.width)
+        kwargs: dict[str, Any] = {} if added is None else {"added_cond": added}
         if self._bank is None:
-            out = self.unet_call(x, t, hidden) if added is None else self.unet_call(x, t, hidden, added_cond=added)
+            out = self.unet_call(x, t, hidden, **kwargs)
         else:
-            with self._bank.call(bank_rows, record=record):
-                out = self.unet_call(x, t, hidden) if added is None else self.unet_call(x, t, hidden, added_cond=added)
+            # A stateless backend takes the bank as tensors (`banked`); any other backend cannot
+            # see the bank's processors, so the call runs on the eager UNet (logged once).
+            banked = getattr(self.unet_call, "banked", False)
+            call = self.unet_call if banked or self.unet_call is self._eager_unet else self._eager_unet
+            if call is self._eager_unet and self.unet_call is not self._eager_unet and not self._bank_fallback_logged:
+                self._bank_fallback_logged = True
+                logger.warning("the feature bank runs on the PyTorch UNet: this backend does not take the bank")
+            with self._bank.call(bank_rows, record=record, full=banked) as io:
+                if banked:
+                    kwargs["bank"] = io
+                out = call(x, t, hidden, **kwargs)
         if self._prediction == "epsilon":
             return out
         a, b = self._sqrt_acp[t].view(-1, 1, 1, 1), self._sqrt_1m_acp[t].view(-1, 1, 1, 1)
