@@ -3,12 +3,15 @@
     y_t = x0_t + α_t·(y_{t−1} − x0_t)          x0_t the stream's finished latent, y_t what is decoded
 
 With motion-aware smoothing α is lowered per latent pixel where the input changed between the
-output frame and the one before it (the mean over channels of |z_t − z_{t−1}|, z the encoded
-input):
+output frame and the one before it: m is the change of the input's mean over the pixel's
+block (8×8 image pixels per latent pixel), averaged over the RGB channels, in the [-1, 1] units
+of the VAE's input:
 
     α_t = α·(1 − clamp((m − MOTION_LOW) / (MOTION_HIGH − MOTION_LOW), 0, 1))
 
-so sensor noise (small m) is smoothed and a moving performer (large m) is not smeared. The motion
+Averaging over a block first cancels sensor noise (its block mean moves by σ/8), so noise is
+smoothed while a moving performer (a block changing by more than MOTION_HIGH) is not smeared.
+Measured on the image, not the latent, the gate means the same for every model. The motion
 of an input frame is kept until that frame leaves the stream (T − 1 calls later), so the gate
 lines up with the output it belongs to. Only what is decoded is blended: the stream's carried
 state, and so `reference()`, are untouched. All buffers are allocated once per (T, F).
@@ -18,10 +21,11 @@ from __future__ import annotations
 
 import torch
 
-MOTION_LOW = 0.08
-"""Latent change (mean |Δz| over channels) below which a pixel counts as still: sensor noise."""
-MOTION_HIGH = 0.3
-"""Latent change above which a pixel counts as moving: no smoothing there."""
+MOTION_LOW = 0.02
+"""Block-mean change (in [-1, 1] units, 1% of the range) below which a pixel counts as still."""
+MOTION_HIGH = 0.1
+"""Block-mean change (5% of the range, ~13 uint8 levels) above which a pixel counts as moving:
+no smoothing there."""
 
 
 class OutputSmoother:
@@ -36,8 +40,9 @@ class OutputSmoother:
         self._steps = 0
         F, (C, h, w) = frames, latent_shape
         self._out = torch.zeros((F, C, h, w), device=device, dtype=dtype)
-        self._last_input = torch.zeros((1, C, h, w), device=device, dtype=dtype)
-        self._diff = torch.zeros((F, C, h, w), device=device, dtype=dtype)
+        self._blocks = torch.zeros((F, 3, h, w), device=device, dtype=dtype)  # the input's block means
+        self._last_input = torch.zeros((1, 3, h, w), device=device, dtype=dtype)
+        self._diff = torch.zeros((F, 3, h, w), device=device, dtype=dtype)
         self._weight = torch.zeros((F, 1, h, w), device=device, dtype=dtype)
         self._motion = torch.zeros((1, F, 1, h, w), device=device, dtype=dtype)
         self._calls = 0  # input calls seen since reset
@@ -63,9 +68,14 @@ class OutputSmoother:
         self._calls = 0
         self._has_out = False
 
-    def observe(self, z: torch.Tensor) -> None:
-        """The new input latents (F, C, h, w) of this call: their motion maps, kept until they leave."""
+    def observe(self, image: torch.Tensor) -> None:
+        """This call's input frames (F, 3, H, W) in [-1, 1]: their motion maps, kept until they leave."""
         slot = self._motion[self._calls % self._steps]
+        F, _, H, W = image.shape
+        h, w = self._shape[1:]
+        # Block means at the latent's resolution: (F, 3, h, H/h, w, W/w) averaged over the blocks.
+        torch.mean(image.unflatten(2, (h, H // h)).unflatten(4, (w, W // w)), dim=(3, 5), out=self._blocks)
+        z = self._blocks
         if self._calls == 0:
             self._last_input.copy_(z[:1])
         # Frame f against frame f − 1 (the first against the previous call's last).

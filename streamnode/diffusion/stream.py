@@ -926,7 +926,7 @@ class StreamEngine:
             x0 = self._stream_step(x_new, record=self._bank_records())
             # 7. Smoothing (when on): blend with the last output where the input stood still.
             if self._smoother.active:
-                self._smoother.observe(z)
+                self._smoother.observe(image)
                 x0 = self._smoother(x0, with_input=True)
             # 8. Decode.
             image_out = self._decode(x0)
