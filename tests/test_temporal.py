@@ -12,7 +12,12 @@ import pytest
 import torch
 from test_engine import SIZE, TOL, float_frames, make_engine, maxdiff, record_latents
 
-from streamnode.diffusion.feature_bank import FeatureBank, _BankedProcessor, banked_attention, self_attention_layers
+from streamnode.diffusion.feature_bank import (
+    FeatureBank,
+    _BankedProcessor,
+    banked_attention,
+    self_attention_layers,
+)
 from streamnode.diffusion.smoothing import MOTION_HIGH
 
 BANK = {"feature_bank": True, "feature_fusion": 0.0}
@@ -235,7 +240,7 @@ def test_smoothing_blends_each_output_with_the_previous_one(components, motion: 
             assert maxdiff(y[t], x0[t]) > 10 * 1e-6 * float(x0[t].abs().max())  # the blend is not x0 itself
 
     def flicker(z: list[torch.Tensor]) -> float:
-        return sum(float((b - a).abs().mean()) for a, b in zip(z[:-1], z[1:])) / (len(z) - 1)
+        return sum(float((b - a).abs().mean()) for a, b in zip(z[:-1], z[1:], strict=True)) / (len(z) - 1)
 
     assert flicker(y) < 0.75 * flicker(x0)
 
@@ -253,7 +258,7 @@ def test_motion_aware_smoothing_stands_aside_where_the_input_moves(components) -
     top_half = moved[:, : SIZE // 2]
     # The top half changes by 0.3 (0.6 in the VAE's [-1, 1] units, far above MOTION_HIGH) everywhere.
     top_half.copy_(torch.where(top_half < 0.7, top_half + 0.3, top_half - 0.3))
-    assert 0.6 > 2 * MOTION_HIGH
+    assert 2 * MOTION_HIGH < 0.6
     frames = [base, base, moved, moved, moved]
     for frame in frames:
         plain(frame)
