@@ -144,16 +144,19 @@ def banked_attention(
 
 
 class _BankedProcessor:
-    """attn1's processor while the bank is installed: banked attention when armed, plain otherwise."""
+    """attn1's processor while a bank is installed: banked attention for the bank that is armed,
+    plain attention (the UNet's own processor) otherwise. Engines sharing a UNet share it: each
+    bank registers on install and leaves on remove; the last one out restores the original."""
 
-    def __init__(self, bank: FeatureBank, layer: int, original: Any) -> None:
-        self.bank, self.layer, self.original = bank, layer, original
+    def __init__(self, layer: int, original: Any) -> None:
+        self.layer, self.original = layer, original
+        self.banks: list[FeatureBank] = []
 
     def __call__(
         self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **kwargs: Any,
     ) -> torch.Tensor:
-        io = self.bank.io
+        io = next((bank.io for bank in self.banks if bank.io is not None), None)
         if io is None or encoder_hidden_states is not None or attention_mask is not None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         return _attend(attn, hidden_states, io, self.layer)
@@ -191,7 +194,7 @@ class FeatureBank:
         self._unet = unet
         self._latent_hw = latent_hw
         self.layers = self_attention_layers(unet)
-        self._originals: list[Any] | None = None
+        self._installed = False
         self.size = 4
         self.fusion = 0.8
         self.threshold = 0.98
@@ -205,22 +208,31 @@ class FeatureBank:
 
     @property
     def installed(self) -> bool:
-        return self._originals is not None
+        return self._installed
 
     def install(self) -> None:
         """Put the banked processors on the UNet's attn1 layers (the originals are kept)."""
-        if self._originals is not None:
+        if self._installed:
             return
-        self._originals = [layer.module.processor for layer in self.layers]
         for i, layer in enumerate(self.layers):
-            layer.module.set_processor(_BankedProcessor(self, i, self._originals[i]))
+            processor = layer.module.processor
+            if not isinstance(processor, _BankedProcessor):
+                processor = _BankedProcessor(i, processor)
+                layer.module.set_processor(processor)
+            processor.banks.append(self)
+        self._installed = True
 
     def remove(self) -> None:
-        """Give the UNet its own processors back and free the storage. Safe twice."""
-        if self._originals is not None:
-            for layer, original in zip(self.layers, self._originals, strict=True):
-                layer.module.set_processor(original)
-            self._originals = None
+        """Leave the UNet's processors (the last bank out gives the UNet its own back) and free
+        the storage. Safe twice."""
+        if self._installed:
+            for layer in self.layers:
+                processor = layer.module.processor
+                if isinstance(processor, _BankedProcessor):
+                    processor.banks = [b for b in processor.banks if b is not self]
+                    if not processor.banks:
+                        layer.module.set_processor(processor.original)
+            self._installed = False
         self._storage = []
         self._rows = 0
 
