@@ -116,6 +116,26 @@ def test_bank_off_is_todays_engine_and_installs_nothing(components) -> None:  # 
     engine.close()
 
 
+def test_engines_sharing_a_unet_keep_their_banks_apart(components) -> None:  # noqa: ANN001
+    originals = processors(components.unet)
+    first, second = make_engine(components), make_engine(components)
+    first.prepare(prompt="a red fox", **BANK)
+    second.prepare(prompt="a red fox", **BANK, feature_bank_size=2)
+    frame = float_frames(1, 3)[0]
+    first(frame)
+    second(frame)
+    assert first.feature_bank.filled == second.feature_bank.filled == 1
+    first.close()  # the other engine's bank stays installed and in use
+    assert all(isinstance(p, _BankedProcessor) for p in processors(components.unet))
+    alone = make_engine(components)
+    alone.prepare(prompt="a red fox", **BANK, feature_bank_size=2)
+    alone(frame)
+    assert maxdiff(second(float_frames(1, 4)[0]), alone(float_frames(1, 4)[0])) <= TOL
+    second.close()
+    alone.close()
+    assert processors(components.unet) == originals
+
+
 def test_an_empty_bank_is_plain_attention_and_it_fills_every_interval(components) -> None:  # noqa: ANN001
     plain = make_engine(components)
     plain.prepare(prompt="a red fox")
