@@ -194,6 +194,7 @@ class FeatureBank:
         self._unet = unet
         self._latent_hw = latent_hw
         self.layers = self_attention_layers(unet)
+        self._tokens = [layer.tokens(latent_hw) for layer in self.layers]  # N per layer
         self._installed = False
         self.size = 4
         self.fusion = 0.8
@@ -257,11 +258,10 @@ class FeatureBank:
             param = next(self._unet.parameters())
             self._storage = [
                 tuple(  # type: ignore[misc]
-                    torch.zeros((self._rows, self.size * layer.tokens(self._latent_hw), layer.channels),
-                                device=param.device, dtype=param.dtype)
+                    torch.zeros((self._rows, self.size * n, layer.channels), device=param.device, dtype=param.dtype)
                     for _ in range(3)
                 )
-                for layer in self.layers
+                for layer, n in zip(self.layers, self._tokens, strict=True)
             ]
             self._valid = torch.zeros(self.size, dtype=torch.bool, device=param.device)
         self._valid.zero_()
@@ -287,13 +287,18 @@ class FeatureBank:
         while the bank is empty or full (a graph with fixed inputs); otherwise an empty bank is
         plain attention and a full one needs no mask."""
         empty = self.filled == 0 or not self._storage
+        # Slots fill in order from 0, so until the ring is full the written ones are a prefix:
+        # eager calls attend to that prefix alone (no mask, no work on empty slots); a graph with
+        # fixed inputs gets every slot and the mask.
+        tokens = self.size if full else self.filled
         if empty and not full:
             layers: list[Features | None] = [None] * len(self.layers)
-        elif select is None:
-            layers = list(self._storage)
         else:
-            layers = [tuple(t.index_select(0, select) for t in kvo) for kvo in self._storage]  # type: ignore[misc]
-        valid = self._valid if full or self.filled < self.size else None
+            layers = []
+            for kvo, n in zip(self._storage, self._tokens, strict=True):
+                prefix = tuple(t[:, : tokens * n] for t in kvo)
+                layers.append(prefix if select is None else tuple(t.index_select(0, select) for t in prefix))  # type: ignore[arg-type]
+        valid = self._valid if full else None
         io = BankIO(layers, valid, self.fusion, self.threshold, recorded=[None] * len(self.layers))
         self.io = io
         try:
