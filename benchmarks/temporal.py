@@ -17,6 +17,8 @@ Per option (an engine with that option, all on the same components, size and sch
 
     python benchmarks/temporal.py                          # tiny, CPU, 256², T = 2, 1 thread
     python benchmarks/temporal.py --model PATH --out benchmarks/results/temporal.json
+    python benchmarks/temporal.py --model sd-turbo-arch --options plain bank smoothing_0.5_motion --frames 8
+                                      # cost at sd-turbo's size (random weights: cost only)
 
 Flicker is only meaningful on a model whose output follows its input: on the random tiny
 model the output barely depends on the input (or on the attention), so there the figures
@@ -118,11 +120,21 @@ def responsiveness(outputs: list[np.ndarray], change: int) -> int | None:
     return None
 
 
+def components_for(args: argparse.Namespace) -> ModelComponents:
+    if args.model == "sd-turbo-arch":  # sd-turbo's UNet and a TAESD, random weights (benchmarks/gpu.py)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from gpu import sd_turbo_architecture
+
+        return sd_turbo_architecture(torch.device(args.device), getattr(torch, args.dtype))
+    return load_components(args.model, device=args.device, dtype=args.dtype, cpu_threads=args.threads)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
-    components = load_components(args.model, device=args.device, dtype=args.dtype, cpu_threads=args.threads)
+    components = components_for(args)
     frames = inputs(args.size, args.frames, args.change, args.noise, seed=0)
-    engines = {name: make_engine(components, args, option) for name, option in OPTIONS.items()}
+    names = ["plain", *(n for n in args.options if n != "plain")]
+    engines = {name: make_engine(components, args, OPTIONS[name]) for name in names}
     outputs: dict[str, dict[str, list[np.ndarray]]] = {name: {k: [] for k in frames} for name in engines}
     times: dict[str, list[float]] = {name: [] for name in engines}
     cuda = engines["plain"].device.type == "cuda"
@@ -193,6 +205,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=6, help="frames left out of flicker and timing")
     parser.add_argument("--noise", type=float, default=3.0, help="sensor noise σ in uint8 levels")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS),
+                        help="options to run (plain is always run: the ratios are to it)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

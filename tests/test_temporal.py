@@ -221,6 +221,30 @@ def test_stateless_banked_unet_through_onnxruntime_matches_the_eager_bank(compon
     stateless.close()
 
 
+def test_a_backend_that_cannot_take_the_bank_is_bypassed_while_it_is_on(components, caplog) -> None:  # noqa: ANN001
+    eager, accelerated = make_engine(components), make_engine(components)
+    calls = []
+    original = accelerated.unet_call
+
+    def backend(x, t, emb, **kw):  # noqa: ANN001, ANN003, ANN202 - a stand-in accelerated seam
+        calls.append(x.shape[0])
+        return original(x, t, emb, **kw)
+
+    accelerated.unet_call = backend
+    settings = {"feature_bank": True, "feature_fusion": 0.5, "feature_fusion_threshold": 0.0, "feature_bank_interval": 1}
+    eager.prepare(prompt="a red fox", **settings)
+    accelerated.prepare(prompt="a red fox", **settings)
+    for seed in range(3):
+        frame = float_frames(1, seed)[0]
+        assert maxdiff(accelerated(frame), eager(frame)) <= TOL
+    assert calls == [] and "does not take the bank" in caplog.text
+    accelerated.update(feature_bank=False)  # off: the backend serves again
+    accelerated(float_frames(1, 5)[0])
+    assert calls == [accelerated.batch_rows]
+    eager.close()
+    accelerated.close()
+
+
 def test_bank_storage_is_sized_once_per_layout(components) -> None:  # noqa: ANN001
     bank = FeatureBank(components.unet, (SIZE // 8, SIZE // 8))
     bank.configure(size=3, fusion=0.8, threshold=0.98)

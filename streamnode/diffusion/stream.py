@@ -728,10 +728,12 @@ class StreamEngine:
             # A stateless backend takes the bank as tensors (`banked`); any other backend cannot
             # see the bank's processors, so the call runs on the eager UNet (logged once).
             banked = getattr(self.unet_call, "banked", False)
-            call = self.unet_call if banked or self.unet_call is self._eager_unet else self._eager_unet
-            if call is self._eager_unet and self.unet_call is not self._eager_unet and not self._bank_fallback_logged:
-                self._bank_fallback_logged = True
-                logger.warning("the feature bank runs on the PyTorch UNet: this backend does not take the bank")
+            call = self.unet_call
+            if not banked and call is not self._eager_unet:
+                call = self._eager_unet
+                if not self._bank_fallback_logged:
+                    self._bank_fallback_logged = True
+                    logger.warning("the feature bank runs on the PyTorch UNet: this backend does not take the bank")
             with self._bank.call(bank_rows, record=record, full=banked) as io:
                 if banked:
                     kwargs["bank"] = io
