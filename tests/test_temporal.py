@@ -192,19 +192,29 @@ def test_stream_equals_reference_with_the_bank_on(components, steps: int, frames
     engine.close()
 
 
-def test_stateless_banked_unet_through_onnxruntime_matches_the_eager_bank(components, tmp_path) -> None:  # noqa: ANN001
-    pytest.importorskip("onnxruntime")
-    from streamnode.accel.onnx_bank import OnnxBankedUnet, export_banked_unet
+@pytest.fixture(scope="module")
+def banked_graph(components, tmp_path_factory):  # noqa: ANN001, ANN201
+    """The tiny UNet exported with the bank as inputs and outputs: T = 2, cfg self (2 rows), M = 2."""
+    pytest.importorskip("onnx")
+    from streamnode.accel.onnx_bank import export_banked_unet
+
+    path = tmp_path_factory.mktemp("banked") / "unet_banked.onnx"
+    return export_banked_unet(components, path, rows=2, bank_size=2, height=SIZE, width=SIZE)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_stateless_banked_unet_matches_the_eager_bank(components, banked_graph, runtime: str) -> None:  # noqa: ANN001
+    pytest.importorskip(runtime)
+    from streamnode.accel.onnx_bank import BankedGraphUnet
 
     settings = {"feature_bank": True, "feature_fusion": 0.5, "feature_fusion_threshold": 0.0, "feature_bank_size": 2,
                 "feature_bank_interval": 1}
     eager = make_engine(components)
     eager.prepare(prompt="a red fox", **settings)
-    path = export_banked_unet(components, tmp_path / "unet_banked.onnx", rows=eager.batch_rows, bank_size=2,
-                              height=SIZE, width=SIZE)
+    assert eager.batch_rows == 2
     stateless = make_engine(components)
     stateless.prepare(prompt="a red fox", **settings)
-    stateless.unet_call = OnnxBankedUnet(path)
+    stateless.unet_call = BankedGraphUnet(banked_graph, runtime=runtime)
     a, b = record_latents(eager), record_latents(stateless)
     for seed in range(4):
         frame = float_frames(1, seed)[0]

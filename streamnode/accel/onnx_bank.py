@@ -1,4 +1,4 @@
-"""The UNet with the feature bank as explicit tensors, exported to ONNX and run by onnxruntime.
+"""The UNet with the feature bank as explicit tensors, exported to ONNX, run by onnxruntime or OpenVINO.
 
 A stateless engine cannot keep earlier frames' features, so the bank travels through the graph
 (diffusion/feature_bank.py, `BankedUNetStep`):
@@ -9,8 +9,9 @@ A stateless engine cannot keep earlier frames' features, so the bank travels thr
 
 The engine keeps the ring and writes the new features into it after the frame; the graph holds
 no state. Shapes are fixed (the rows, the bank size and the size are those of the stream), as a
-TensorRT profile would fix them. `OnnxBankedUnet` is a `unet_call` seam with `banked = True`:
-the engine hands it the bank (`bank=BankIO`) on every call.
+TensorRT profile would fix them. `BankedGraphUnet` is a `unet_call` seam with `banked = True`
+over that graph (onnxruntime, or OpenVINO which reads the same file): the engine hands it the
+bank (`bank=BankIO`) on every call.
 """
 
 from __future__ import annotations
@@ -71,37 +72,46 @@ def export_banked_unet(
     return path
 
 
-class OnnxBankedUnet:
-    """The `unet_call` seam over an exported banked UNet (onnxruntime, CPU): stateless, the bank
-    comes in and goes out as tensors on every call."""
+class BankedGraphUnet:
+    """The `unet_call` seam over an exported banked UNet: stateless, the bank comes in and goes
+    out as tensors on every call. runtime: "onnxruntime" (CPU) or "openvino" (its CPU device)."""
 
     banked = True
 
-    def __init__(self, path: str | Path) -> None:
-        import onnxruntime as ort
+    def __init__(self, path: str | Path, *, runtime: str = "onnxruntime") -> None:
+        if runtime == "onnxruntime":
+            import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self._inputs = [i.name for i in self._session.get_inputs()]
-        self._outputs = [o.name for o in self._session.get_outputs()]
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            names = [i.name for i in session.get_inputs()]
+            self._run = lambda feeds: session.run(None, dict(zip(names, feeds, strict=True)))
+        elif runtime == "openvino":
+            import openvino as ov
+
+            # f32 as exported: the CPU plugin would otherwise pick bf16 where the CPU has it.
+            config = {"INFERENCE_PRECISION_HINT": "f32"}
+            request = ov.Core().compile_model(str(path), "CPU", config).create_infer_request()
+            self._run = lambda feeds: list(request.infer(feeds, share_outputs=False).values())
+        else:
+            raise ValueError(f"runtime {runtime!r}: use onnxruntime or openvino")
+        self.runtime = runtime
 
     def __call__(
         self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, *, added_cond: Any = None, bank: BankIO
     ) -> torch.Tensor:
         if added_cond is not None:
-            raise ValueError("the banked ONNX UNet takes no added conditioning")
+            raise ValueError("the banked UNet graph takes no added conditioning")
         if bank.valid is None or any(layer is None for layer in bank.layers):
             raise ValueError("a stateless banked UNet needs every bank tensor (FeatureBank.call(full=True))")
-        values: list[Any] = [x, t.float(), emb, bank.valid, torch.tensor(float(bank.fusion)),
-                             torch.tensor(float(bank.threshold))]
+        values: list[torch.Tensor] = [x, t.float(), emb, bank.valid, torch.tensor(float(bank.fusion)),
+                                      torch.tensor(float(bank.threshold))]
         values += [tensor for kvo in bank.layers for tensor in kvo]  # type: ignore[union-attr]
-        feeds = {}
-        for name, value in zip(self._inputs, values, strict=True):
-            array = value.detach().cpu().numpy()
-            feeds[name] = array.astype(np.float32) if array.dtype == np.float64 else array
-        out = self._session.run(None, feeds)
+        # np.require keeps 0-d arrays 0-d (fusion, threshold); ascontiguousarray would make them (1,).
+        feeds = [np.require(v.detach().cpu().numpy(), requirements="C") for v in values]
+        out = self._run(feeds)
         device = x.device
-        new = [torch.from_numpy(a).to(device) for a in out[1:]]
+        new = [torch.from_numpy(np.asarray(a)).to(device) for a in out[1:]]
         bank.recorded[:] = [tuple(new[3 * i : 3 * i + 3]) for i in range(len(new) // 3)]  # type: ignore[misc]
-        return torch.from_numpy(out[0]).to(device)
+        return torch.from_numpy(np.asarray(out[0])).to(device)
