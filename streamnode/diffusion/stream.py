@@ -529,17 +529,18 @@ class StreamEngine:
 
     def _configure_temporal(self, params: LiveParams) -> None:
         """Bring the bank and the smoother to the parameters in force (cheap when nothing changed)."""
-        if params.feature_bank and self._bank is None:
+        if not params.feature_bank:
+            self._set_bank(None)
+        elif self._bank is None:
             bank = FeatureBank(self.components.unet, self.latent_shape[1:])
             bank.install()
-            bank.reset(rows=self.batch_rows)
             self._set_bank(bank)
-        elif not params.feature_bank:
-            self._set_bank(None)
         if self._bank is not None:
             self._bank.configure(
                 size=params.feature_bank_size, fusion=params.feature_fusion, threshold=params.feature_fusion_threshold
             )
+            if not self._bank.storage():
+                self._bank.reset(rows=self.batch_rows)  # switched on: storage for the rows in force
         self._smoother.configure(strength=params.smoothing, motion_aware=params.smoothing_motion, steps=params.steps)
 
     def _set_bank(self, bank: FeatureBank | None) -> None:
