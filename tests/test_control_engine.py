@@ -100,6 +100,8 @@ def test_every_engine_address_is_accepted_by_the_engine(node) -> None:  # noqa: 
         "/blend_method": ["slerp"], "/prompt_transition": [8], "/guidance": [1.5], "/delta": [0.5],
         "/strength": [0.4], "/t_index": [10, 30], "/seed": [3_000_000_000], "/seed_blend": [1, 0.5, 2, 0.5],
         "/similarity": [0.9], "/similarity_max_skip": [4], "/brush/order": [1, 0],
+        "/feature_bank": [1], "/feature_bank_size": [2], "/feature_bank_interval": [2], "/feature_fusion": [0.5],
+        "/feature_fusion_threshold": [0.9], "/smoothing": [0.5], "/smoothing_motion": [0],
     }
     assert set(sends) == {p.address for p in ADDRESSES if p.key in ENGINE_KEYS}
     failed: list[tuple[Update, str]] = []
@@ -113,8 +115,10 @@ def test_every_engine_address_is_accepted_by_the_engine(node) -> None:  # noqa: 
     assert params.t_index_list == (10, 30) and params.similarity_max_skip == 4
     assert params.seed_blend == ((1, 0.5), (2, 0.5)) and params.blend_method == "slerp"
     assert running.engine.regions.order == (1, 0)
+    assert params.feature_bank and params.smoothing == 0.5 and not params.smoothing_motion
     frames = running.frames_out
     wait_for(lambda: running.frames_out > frames + 3, what="frames with every value applied")
+    assert running.engine.feature_bank is not None and running.engine.feature_bank.filled >= 1
 
 
 # -- the two show-stoppers, through three different senders ---------------------------------
