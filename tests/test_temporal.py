@@ -322,3 +322,20 @@ def test_motion_aware_smoothing_stands_aside_where_the_input_moves(components) -
     assert maxdiff(y[3][top], x0[3][top]) <= 1e-5  # the moving half shows at once
     expected_bottom = x0[3][bottom] + 0.8 * (y[2][bottom] - x0[3][bottom])
     assert maxdiff(y[3][bottom], expected_bottom) <= 1e-5  # the still half is smoothed as before
+
+
+def test_the_bank_works_on_sdxl_and_the_stream_still_equals_its_reference(tiny_sdxl_components) -> None:  # noqa: ANN001
+    engine = make_engine(tiny_sdxl_components, cfg="full")
+    engine.prepare(prompt="a red fox", guidance_scale=1.5, feature_bank=True, feature_fusion=0.5,
+                   feature_fusion_threshold=0.0, feature_bank_interval=600)
+    latents = record_latents(engine)
+    engine(float_frames(1, 100)[0])
+    frame = float_frames(1, 7)[0]
+    for _ in range(2):
+        engine(frame)
+    stream_latent = latents[-1]
+    engine.reference(frame)
+    assert engine.feature_bank.filled == 1
+    assert maxdiff(stream_latent, latents[-1]) <= 2e-6 * float(stream_latent.abs().max())
+    engine.close()
+    assert not any(isinstance(p, _BankedProcessor) for p in processors(tiny_sdxl_components.unet))
