@@ -12,6 +12,7 @@ judged by eye on any machine, not an image generator.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -100,8 +101,15 @@ def tokenizer_merges() -> list[str]:
     return merges
 
 
+def weights_id() -> str:
+    """8 hex digits naming the shipped weights (from the sha256 list in their manifest)."""
+    manifest = json.loads((WEIGHTS_DIR / "manifest.json").read_text(encoding="utf-8"))
+    return hashlib.sha256(json.dumps(manifest["sha256"], sort_keys=True).encode()).hexdigest()[:8]
+
+
 def tiny_model_dir() -> Path:
-    return cache_dir() / "models" / f"tiny-v{TINY_FORMAT}"
+    # The weights' id in the name: a retrained set never reuses a cached copy of an older one.
+    return cache_dir() / "models" / f"tiny-v{TINY_FORMAT}-{weights_id()}"
 
 
 def ensure_tiny_model() -> Path:
