@@ -160,11 +160,13 @@ def test_an_empty_bank_is_plain_attention_and_it_fills_every_interval(components
 @pytest.mark.parametrize("cfg", ["none", "full", "self", "initialize"])
 @pytest.mark.parametrize(("steps", "frames"), [(2, 1), (3, 2)])
 def test_stream_equals_reference_with_the_bank_on(components, steps: int, frames: int, cfg: str) -> None:  # noqa: ANN001
-    """The reference runs each stage against the same bank rows the stream's stage uses."""
+    """The reference runs each stage against the same bank rows the stream's stage uses.
+
+    Attention only: fusion picks a nearest token (an argmax) and compares with a threshold, so two
+    batch shapes' rounding may pick another token at a near-tie; fusion has its own tests."""
     engine = make_engine(components, steps=steps, frames=frames, cfg=cfg)
-    # fusion at threshold 0 fuses every token: the strongest use of the bank.
-    engine.prepare(prompt="a red fox", negative_prompt="blurry", guidance_scale=1.6, feature_bank=True,
-                   feature_fusion=1.0, feature_fusion_threshold=0.0, feature_bank_interval=600)
+    engine.prepare(prompt="a red fox", negative_prompt="blurry", guidance_scale=1.6, **BANK,
+                   feature_bank_interval=600)
     plain = make_engine(components, steps=steps, frames=frames, cfg=cfg)
     plain.prepare(prompt="a red fox", negative_prompt="blurry", guidance_scale=1.6)
     latents, plain_latents = record_latents(engine), record_latents(plain)
@@ -207,8 +209,7 @@ def test_stateless_banked_unet_matches_the_eager_bank(components, banked_graph, 
     pytest.importorskip(runtime)
     from streamnode.accel.onnx_bank import BankedGraphUnet
 
-    settings = {"feature_bank": True, "feature_fusion": 0.5, "feature_fusion_threshold": 0.0, "feature_bank_size": 2,
-                "feature_bank_interval": 1}
+    settings = {**BANK, "feature_bank_size": 2, "feature_bank_interval": 1}  # attention only: see above
     eager = make_engine(components)
     eager.prepare(prompt="a red fox", **settings)
     assert eager.batch_rows == 2
@@ -253,6 +254,45 @@ def test_a_backend_that_cannot_take_the_bank_is_bypassed_while_it_is_on(componen
     assert calls == [accelerated.batch_rows]
     eager.close()
     accelerated.close()
+
+
+def test_the_banked_graph_fuses_as_the_eager_bank_does(components, banked_graph) -> None:  # noqa: ANN001
+    """The graph's fusion on a bank whose outputs are one vector per layer: every token's nearest is
+    that vector whatever the rounding (no argmax near-ties), and threshold −1 fuses every token."""
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    from streamnode.diffusion.feature_bank import BankedUNetStep
+
+    g = torch.Generator().manual_seed(3)
+    bank = FeatureBank(components.unet, (SIZE // 8, SIZE // 8))
+    bank.configure(size=2, fusion=0.5, threshold=0.0)
+    bank.reset(rows=2)
+    features = []
+    for kvo in bank.storage():
+        k, v, o = (torch.randn(t.shape, generator=g) for t in kvo)
+        features += [k, v, torch.randn(1, 1, o.shape[-1], generator=g).expand_as(o).contiguous()]
+    seam = (torch.randn(2, 4, SIZE // 8, SIZE // 8, generator=g), torch.tensor([600.0, 300.0]),
+            torch.randn(2, 77, components.cross_attention_dim, generator=g))
+    valid = torch.tensor([True, True])
+
+    def inputs(fusion: float) -> tuple[torch.Tensor, ...]:
+        return (*seam, valid, torch.tensor(fusion), torch.tensor(-1.0), *features)
+
+    bank.install()
+    try:
+        with torch.no_grad():
+            eager = BankedUNetStep(components.unet, bank)(*inputs(0.5))
+            unfused = BankedUNetStep(components.unet, bank)(*inputs(0.0))
+    finally:
+        bank.remove()
+    session = ort.InferenceSession(str(banked_graph), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    got = session.run(None, {n: t.numpy() for n, t in zip(names, inputs(0.5), strict=True)})
+    assert len(got) == len(eager) == 1 + 3 * len(bank.layers)
+    for x, y in zip(eager, got, strict=True):
+        assert maxdiff(x, torch.from_numpy(y)) <= 1e-4 * max(1.0, float(x.abs().max()))
+    assert maxdiff(eager[0], unfused[0]) > 1e-2  # fusion really moved the prediction
 
 
 def test_bank_storage_is_sized_once_per_layout(components) -> None:  # noqa: ANN001
@@ -326,8 +366,7 @@ def test_motion_aware_smoothing_stands_aside_where_the_input_moves(components) -
 
 def test_the_bank_works_on_sdxl_and_the_stream_still_equals_its_reference(tiny_sdxl_components) -> None:  # noqa: ANN001
     engine = make_engine(tiny_sdxl_components, cfg="full")
-    engine.prepare(prompt="a red fox", guidance_scale=1.5, feature_bank=True, feature_fusion=0.5,
-                   feature_fusion_threshold=0.0, feature_bank_interval=600)
+    engine.prepare(prompt="a red fox", guidance_scale=1.5, **BANK, feature_bank_interval=600)
     latents = record_latents(engine)
     engine(float_frames(1, 100)[0])
     frame = float_frames(1, 7)[0]
