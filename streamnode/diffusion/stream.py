@@ -726,13 +726,15 @@ class StreamEngine:
         if self._bank is None:
             out = self.unet_call(x, t, hidden, **kwargs)
         else:
-            # A stateless backend takes the bank as tensors (`banked`); any other backend cannot
-            # see the bank's processors, so the call runs on the eager UNet (logged once).
-            banked = getattr(self.unet_call, "banked", False)
+            # A stateless backend takes the bank as tensors (`banked`), at the stream's rows (so
+            # `reference()`'s per-stage calls run eager); any other backend cannot see the bank's
+            # processors, so the call runs on the eager UNet (logged once).
+            seam_banked = getattr(self.unet_call, "banked", False)
+            banked = seam_banked and bank_rows is None
             call = self.unet_call
             if not banked and call is not self._eager_unet:
                 call = self._eager_unet
-                if not self._bank_fallback_logged:
+                if not seam_banked and not self._bank_fallback_logged:
                     self._bank_fallback_logged = True
                     logger.warning("the feature bank runs on the PyTorch UNet: this backend does not take the bank")
             with self._bank.call(bank_rows, record=record, full=banked) as io:
