@@ -188,9 +188,9 @@ def test_stream_equals_reference_with_the_bank_on(components, steps: int, frames
     rounding = maxdiff(stream_latent, latents[-1])
     assert rounding <= 2e-6 * scale
     # …and the bank matters: without it the same frame gives another latent, by far more than
-    # that rounding (measured 20–160×; the tiny random UNet leans little on its attention).
+    # that rounding (measured 3300–10000× on the trained tiny model).
     plain.reference(frame)
-    assert maxdiff(stream_latent, plain_latents[-1]) > 10 * max(rounding, 1e-6)
+    assert maxdiff(stream_latent, plain_latents[-1]) > 100 * max(rounding, 1e-6)
     engine.close()
 
 
