@@ -63,6 +63,10 @@ QUANTIZE_MODES = ("off", "beat", "bar", "2bars", "4bars", "8bars")
 LFO_SHAPES = ("sine", "triangle", "saw", "square", "random", "envelope")
 """LFO waveforms (tempo/lfo.py)."""
 MAX_SEED = 2**32 - 1
+MAX_BANK = 8
+"""Most earlier frames the feature bank keeps per stage (docs/temporal.md)."""
+MAX_SMOOTHING = 0.95
+"""Strongest output smoothing: at 1 the output would never change."""
 
 
 class _Frozen(BaseModel):
@@ -204,7 +208,41 @@ class LiveParams(_Frozen):
         description="Most frames skipped in a row by the similarity filter.",
     )
 
-    _check_ints = field_validator("prompt_transition_frames", "seed", "similarity_max_skip", mode="before")(_no_bools)
+    # Temporal consistency (docs/temporal.md): the feature bank and the output smoothing.
+    feature_bank: bool = Field(
+        False, json_schema_extra=osc("/feature_bank"),
+        description="1: the UNet's self-attention also attends to features of earlier frames (less flicker); "
+        "0: off, costs nothing.",
+    )
+    feature_bank_size: int = Field(
+        4, ge=1, le=MAX_BANK, json_schema_extra=osc("/feature_bank_size"),
+        description="Earlier frames the feature bank keeps per stage.",
+    )
+    feature_bank_interval: int = Field(
+        4, ge=1, le=600, json_schema_extra=osc("/feature_bank_interval"),
+        description="Frames between two updates of the feature bank.",
+    )
+    feature_fusion: float = Field(
+        0.8, ge=0.0, le=1.0, json_schema_extra=osc("/feature_fusion"),
+        description="How much of the most similar banked feature replaces a new one (0: no fusion).",
+    )
+    feature_fusion_threshold: float = Field(
+        0.98, ge=0.0, le=1.0, json_schema_extra=osc("/feature_fusion_threshold"),
+        description="Cosine similarity above which a banked feature is fused.",
+    )
+    smoothing: float = Field(
+        0.0, ge=0.0, le=MAX_SMOOTHING, json_schema_extra=osc("/smoothing"),
+        description="Exponential blend of each output with the previous one (0: off).",
+    )
+    smoothing_motion: bool = Field(
+        True, json_schema_extra=osc("/smoothing_motion"),
+        description="1: smoothing stands aside where the input changes, so movement does not smear.",
+    )
+
+    _check_ints = field_validator(
+        "prompt_transition_frames", "seed", "similarity_max_skip", "feature_bank_size", "feature_bank_interval",
+        mode="before",
+    )(_no_bools)
 
     @model_validator(mode="before")
     @classmethod

@@ -8,6 +8,7 @@ import socket
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -201,7 +202,10 @@ def test_well_formed_values_in_range_are_accepted() -> None:
                     v = data.draw(st.integers(int(a.min), int(min(a.max, 2**31 - 1))))
                     args.append(data.draw(st.sampled_from([("i", v), ("f", float(v)), ("d", float(v))])))
                 else:
-                    v = data.draw(st.floats(a.min, a.max, width=32))
+                    # The range's ends as 32-bit floats, rounded inward (0.95 has no exact one).
+                    lo = float(np.nextafter(np.float32(a.min), np.float32(np.inf))) if np.float32(a.min) < a.min else a.min
+                    hi = float(np.nextafter(np.float32(a.max), np.float32(-np.inf))) if np.float32(a.max) > a.max else a.max
+                    v = data.draw(st.floats(float(np.float32(lo)), float(np.float32(hi)), width=32))
                     args.append(data.draw(st.sampled_from([("f", v), ("d", v)])))
         if param.address in ("/t_index", "/brush/order"):
             ints = sorted({int(v) for _, v in args})  # strictly increasing, hence distinct

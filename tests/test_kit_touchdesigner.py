@@ -418,8 +418,10 @@ def test_every_parameter_of_the_generated_page_is_accepted(live: tuple[LiveNode,
 
     try:
         wait_for(handled, timeout=5)
-        # /brush/N/enabled is sent on (1), which a new brush already is: a repeat, dropped.
-        repeats = {a for a in sent if a.endswith("/enabled")}
+        # Toggles are sent on (1): /brush/N/enabled (a new brush already is) and the toggles whose
+        # default is on are repeats, dropped.
+        on_by_default = {e["address"] for e in params.entries.values() if e["style"] == "Toggle" and e.get("default")}
+        repeats = {a for a in sent if a.endswith("/enabled") or a in on_by_default}
         wait_for(lambda: {u.origin for u in n.applied} | {"/status"} >= sent - repeats, timeout=5)
     finally:
         errors = [args for a, args in client.poll() if a.endswith("/error") and args != [""]]

@@ -54,11 +54,13 @@ import torch
 from streamnode.config import StreamConfig
 from streamnode.diffusion.conditioning import AddedCond
 from streamnode.diffusion.controlnet import Control, ControlPlan, ControlStack
+from streamnode.diffusion.feature_bank import FeatureBank
 from streamnode.diffusion.lora import LoraPlan, LoraStack, StalePlan
 from streamnode.diffusion.prompts import PromptCache, blend_embeddings
 from streamnode.diffusion.regions import Regions
 from streamnode.diffusion.schedule import LcmSchedule
 from streamnode.diffusion.similarity import SimilarityFilter
+from streamnode.diffusion.smoothing import OutputSmoother
 from streamnode.live_params import LiveParams, LiveState, validated
 
 logger = logging.getLogger(__name__)
@@ -199,6 +201,7 @@ class StreamEngine:
             )[0]
 
         self.unet_call: UnetCall = eager_unet
+        self._eager_unet = eager_unet  # the feature bank's path when a backend cannot take the bank
         # The model family's conditioning (conditioning.py): packs prompts, unpacks rows for the seam.
         self._conditioning = components.conditioning
         self.vae_encode: VaeCall = components.encode_image
@@ -263,6 +266,12 @@ class StreamEngine:
         self._x0_prev: torch.Tensor | None = None
         self._resid_prev: torch.Tensor | None = None
         self._last_image: torch.Tensor | None = None
+        # Temporal consistency (docs/temporal.md): the feature bank exists (its processors on the
+        # UNet) only while it is on; the smoother's buffers are small and always there.
+        self._bank: FeatureBank | None = None
+        self._bank_fallback_logged = False
+        self._bank_tick = 0  # processed calls since the stream (re)started: every interval-th records
+        self._smoother = OutputSmoother(self.latent_shape, self.frame_buffer_size, device=self.device, dtype=self.dtype)
         self.prepare()
 
     # -- construction ----------------------------------------------------------------------
@@ -322,6 +331,7 @@ class StreamEngine:
         called afterwards."""
         self._loras.close()
         self._control.close()
+        self._set_bank(None)
         closers, self._closers = self._closers, []
         for release in reversed(closers):
             try:
@@ -425,6 +435,10 @@ class StreamEngine:
         self._filter.reset()
         self._control.reset()
         self._last_image = None
+        self._bank_tick = 0
+        if self._bank is not None:
+            self._bank.reset()
+        self._smoother.reset()
 
     def update(self, **kwargs: Any) -> None:
         """Apply live parameters between frames; all are validated before any is applied.
@@ -518,6 +532,7 @@ class StreamEngine:
             self._commit_lora(derived["lora"])
         if "controlnet" in derived:
             self._control.commit(derived["controlnet"])
+        self._configure_temporal(new)
         self._live = LiveState(params=new, brushes=self._regions.brushes, brush_order=self._regions.order,
                                loras=self._loras.params, controlnets=self._control.params)
         changed = {name for name in LiveParams.model_fields if getattr(old, name) != getattr(new, name)}
@@ -525,6 +540,45 @@ class StreamEngine:
             self._settle = max(self._settle, new.prompt_transition_frames + self.steps)
         if changed:
             logger.debug("engine parameters: %s", ", ".join(f"{k}={getattr(new, k)!r}" for k in sorted(changed)))
+
+    # -- temporal consistency (feature_bank.py, smoothing.py) -------------------------------
+
+    @property
+    def feature_bank(self) -> FeatureBank | None:
+        """The feature bank while it is on (its processors sit on the UNet), else None."""
+        return self._bank
+
+    def _configure_temporal(self, params: LiveParams) -> None:
+        """Bring the bank and the smoother to the parameters in force (cheap when nothing changed)."""
+        if not params.feature_bank:
+            self._set_bank(None)
+        elif self._bank is None:
+            bank = FeatureBank(self.components.unet, self.latent_shape[1:])
+            bank.install()
+            self._set_bank(bank)
+        if self._bank is not None:
+            self._bank.configure(
+                size=params.feature_bank_size, fusion=params.feature_fusion, threshold=params.feature_fusion_threshold
+            )
+            if not self._bank.storage():
+                self._bank.reset(rows=self.batch_rows)  # switched on: storage for the rows in force
+        self._smoother.configure(strength=params.smoothing, motion_aware=params.smoothing_motion, steps=params.steps)
+
+    def _set_bank(self, bank: FeatureBank | None) -> None:
+        if self._bank is not None and self._bank is not bank:
+            self._bank.remove()  # off costs nothing: the UNet gets its own processors back
+        self._bank = bank
+        self._bank_tick = 0
+
+    def _bank_rows(self, stage: int) -> torch.Tensor:
+        """The stream call's rows that `reference()`'s call for `stage` evaluates, in its order:
+        the stage's negative rows (full; initialize at stage 0), then its stream rows."""
+        F, P = self.frame_buffer_size, self.layers
+        n_neg = self.negative_rows
+        stage_rows = torch.arange(stage * F * P, (stage + 1) * F * P)
+        negative = self.cfg_type == "full" or (self.cfg_type == "initialize" and stage == 0)
+        rows = torch.cat([stage_rows, stage_rows + n_neg]) if negative else stage_rows + n_neg
+        return rows.to(self.device)
 
     # -- the LoRA stack (lora.py) -----------------------------------------------------------
 
@@ -671,6 +725,9 @@ class StreamEngine:
             self._unet_in = torch.zeros((rows, *self.latent_shape), device=self.device, dtype=self.dtype)
             self._unet_emb: torch.Tensor | None = None
             self._rows_dirty = True
+        bank = getattr(self, "_bank", None)
+        if bank is not None:
+            bank.reset(rows=rows)  # the rows mean other frames / stages now
         if P == 1:
             self._x = self._unet_in[n_neg:]  # the B stream rows, a view: written in place every call
         else:
@@ -711,18 +768,41 @@ class StreamEngine:
 
     def _unet(
         self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, stages: torch.Tensor,
-        maps: Mapping[int, torch.Tensor] | None = None,
+        maps: Mapping[int, torch.Tensor] | None = None, *, bank_rows: torch.Tensor | None = None,
+        record: bool = False,
     ) -> torch.Tensor:
         """One UNet evaluation through the swappable backend, as ε; with the ControlNets' residuals
-        for these rows (their stages; `maps`: each net's map per row, default the stream rows)."""
+        for these rows (their stages; `maps`: each net's map per row, default the stream rows).
+
+        With the feature bank on, its processors attend to the bank rows of this call's rows
+        (`bank_rows`; None: the stream call, every row) and, with `record`, keep this call's
+        features for the bank (committed when the frame succeeds)."""
         self.stats["unet_calls"] += 1
         hidden, added = self._conditioning.unet_inputs(emb, height=self.height, width=self.width)
-        extras: dict[str, Any] = {} if added is None else {"added_cond": added}
+        kwargs: dict[str, Any] = {} if added is None else {"added_cond": added}
         if self._control.active(self.steps):
             control = self._control.residuals(x, t, hidden, added, stages, self.steps, maps=maps, reuse=maps is None)
             if control is not None:
-                extras["control"] = control
-        out = self.unet_call(x, t, hidden, **extras)
+                kwargs["control"] = control
+        if self._bank is None:
+            out = self.unet_call(x, t, hidden, **kwargs)
+        else:
+            # A stateless backend takes the bank as tensors (`banked`), at the stream's rows (so
+            # `reference()`'s per-stage calls run eager); any other backend cannot see the bank's
+            # processors, so the call runs on the eager UNet (logged once). The banked graph has
+            # no residual inputs: a call with ControlNet residuals runs eager too.
+            seam_banked = getattr(self.unet_call, "banked", False)
+            banked = seam_banked and bank_rows is None and "control" not in kwargs
+            call = self.unet_call
+            if not banked and call is not self._eager_unet:
+                call = self._eager_unet
+                if not seam_banked and not self._bank_fallback_logged:
+                    self._bank_fallback_logged = True
+                    logger.warning("the feature bank runs on the PyTorch UNet: this backend does not take the bank")
+            with self._bank.call(bank_rows, record=record, full=banked) as io:
+                if banked:
+                    kwargs["bank"] = io
+                out = call(x, t, hidden, **kwargs)
         if self._prediction == "epsilon":
             return out
         a, b = self._sqrt_acp[t].view(-1, 1, 1, 1), self._sqrt_1m_acp[t].view(-1, 1, 1, 1)
@@ -740,8 +820,9 @@ class StreamEngine:
         # comes back already in H×W×3 order for the host.
         return self.vae_decode(latents.contiguous(memory_format=torch.channels_last))
 
-    def _stream_step(self, x_new: torch.Tensor) -> torch.Tensor:
-        """One stream-batch step: F new stage-0 latents in, the F finished x0 (stage T−1) out."""
+    def _stream_step(self, x_new: torch.Tensor, *, record: bool = False) -> torch.Tensor:
+        """One stream-batch step: F new stage-0 latents in, the F finished x0 (stage T−1) out.
+        `record`: the feature bank keeps this call's features (committed by `_end_frame`)."""
         F, T, P = self.frame_buffer_size, self.steps, self.layers
         n_neg = self.negative_rows
         X = self._x
@@ -778,7 +859,7 @@ class StreamEngine:
         #    (each row's map is the map of the frame it belongs to); with brushes, ε per layer.
         if self._control.active(T):
             self._control.stream_maps(T, F, P, n_neg)
-        out = self._unet(self._unet_in, self._unet_t, self._unet_emb, self._unet_stage)
+        out = self._unet(self._unet_in, self._unet_t, self._unet_emb, self._unet_stage, record=record)
         eps_neg, eps_c = out[:n_neg], out[n_neg:]
         if P > 1:
             eps_neg, eps_c = self._by_layer(eps_neg), self._by_layer(eps_c)
@@ -849,8 +930,14 @@ class StreamEngine:
                 self._transition = None
                 self._rows_dirty = True
         self._settle = max(0, self._settle - 1)
+        if self._bank is not None:
+            self._bank.commit()
+        self._bank_tick += 1
         self._last_image = image
         self.stats["frames"] += self.frame_buffer_size
+
+    def _bank_records(self) -> bool:
+        return self._bank is not None and self._bank_tick % self._params.feature_bank_interval == 0
 
     def _warm_fill(self, x_new: torch.Tensor, x0_init: torch.Tensor) -> None:
         """Cold start: run the pipeline T − 1 times on this frame before it counts.
@@ -907,12 +994,19 @@ class StreamEngine:
             # 5. Cold stream: fill it from this frame (T − 1 silent steps, once).
             if self._cold:
                 self._warm_fill(x_new, z)
-            # 6. One stream-batch step → x0 of the frames that leave.
-            x0 = self._stream_step(x_new)
-            # 7. Decode.
+            # 6. One stream-batch step → x0 of the frames that leave (the bank records every
+            #    interval-th processed call).
+            x0 = self._stream_step(x_new, record=self._bank_records())
+            # 7. Smoothing (when on): blend with the last output where the input stood still.
+            if self._smoother.active:
+                self._smoother.observe(image)
+                x0 = self._smoother(x0, with_input=True)
+            # 8. Decode.
             image_out = self._decode(x0)
         except BaseException:
             self._filter.reset()
+            if self._bank is not None:
+                self._bank.discard()
             raise
         self._end_frame(emb, image_out)
         return image_out
@@ -936,7 +1030,9 @@ class StreamEngine:
             self._control.begin(None, F)
             if self._cold:
                 self._warm_fill(x_new, torch.zeros_like(x_new))
-            x0 = self._stream_step(x_new)
+            x0 = self._stream_step(x_new, record=self._bank_records())
+            if self._smoother.active:
+                x0 = self._smoother(x0, with_input=False)
             image = self._decode(x0)
             self._end_frame(emb, image)
         return self._postprocess(image, kind)
@@ -978,17 +1074,20 @@ class StreamEngine:
                 t = self._t_rows[rows]
                 xs, ts = (x, t) if P == 1 else (x.repeat_interleave(P, 0), t.repeat_interleave(P))
                 # One UNet call for stage k (with the negative rows where the stream has them);
-                # every row's ControlNet map is this frame's.
+                # every row's ControlNet map is this frame's. The feature bank (when on) is read,
+                # not written: the stage's rows of the stream's bank.
                 negative = self.cfg_type == "full" or (self.cfg_type == "initialize" and k == 0)
                 maps = self._control.frame_row_maps(layers=P, copies=2 if negative else 1)
                 stages = torch.full((xs.shape[0] * (2 if negative else 1),), k, device=self.device)
+                bank_rows = self._bank_rows(k) if self._bank is not None else None
                 if negative:
                     out = self._unet(
-                        torch.cat([xs, xs]), torch.cat([ts, ts]), torch.cat([emb_neg, emb_pos]), stages, maps
+                        torch.cat([xs, xs]), torch.cat([ts, ts]), torch.cat([emb_neg, emb_pos]), stages, maps,
+                        bank_rows=bank_rows,
                     )
                     eps_neg, eps_c = out[: F * P], out[F * P :]
                 else:
-                    eps_neg, eps_c = None, self._unet(xs, ts, emb_pos.contiguous(), stages, maps)
+                    eps_neg, eps_c = None, self._unet(xs, ts, emb_pos.contiguous(), stages, maps, bank_rows=bank_rows)
                 if P > 1:
                     eps_c = self._by_layer(eps_c)
                     eps_neg = None if eps_neg is None else self._by_layer(eps_neg)

@@ -1,27 +1,35 @@
-"""The embedded `tiny` model: a randomly initialised, CPU-sized Stable Diffusion.
+"""The embedded `tiny` model: a small trained stand-in for Stable Diffusion, CPU-sized.
 
 It has the classes of a real one (UNet2DConditionModel, a TAESD-class AutoencoderTiny, a full
-AutoencoderKL, a CLIP text encoder and a CLIP BPE tokenizer, an LCM scheduler), is built
-deterministically, saved with `save_pretrained` into the user cache as an ordinary diffusers
-folder, and then loaded by the very same loader as any hub id or folder. Its images are
-noise-like: it exists so the demo, the tests and the benchmarks run on any machine.
+AutoencoderKL, a CLIP text encoder and a CLIP BPE tokenizer, an LCM scheduler). Its weights are
+the small safetensors files in `tiny_model/` next to this file, made by `scripts/train_tiny.py`
+(synthetic images and captions, a fixed seed; docs/tiny-model.md): it reconstructs its input
+frame and restyles it by a few words (`TINY_LOOKS`). `ensure_tiny_model()` writes it once into
+the user cache as an ordinary diffusers folder, which the very same loader as any hub id or
+folder then reads. It is a stand-in so the demo, the tests and the benchmarks run and can be
+judged by eye on any machine, not an image generator.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from streamnode.config import cache_dir
 
 logger = logging.getLogger(__name__)
 
-TINY_FORMAT = 2
-"""Bumped whenever the architecture below changes, so an old cached copy is rebuilt."""
+TINY_FORMAT = 3
+"""Bumped whenever the architecture or the weights change, so an old cached copy is rebuilt."""
+
+WEIGHTS_DIR = Path(__file__).with_name("tiny_model")
+"""The trained weights (one safetensors file per component), committed with the package."""
 
 TINY_SEED = 20231220
 CROSS_ATTENTION_DIM = 64
@@ -29,9 +37,79 @@ MODEL_MAX_LENGTH = 77
 # A few frequent English pairs so the BPE really merges; the rest of a word falls back to bytes.
 _MERGES = ["t h", "h e", "i n", "e r", "a n", "r e", "o n", "a t", "e n", "n d", "th e</w>", "a t</w>"]
 
+TINY_LOOKS: dict[str, tuple[str, ...]] = {
+    # colour looks: the frame's luminance mapped onto a palette
+    "fire": ("fire", "flames", "flame", "lava", "burning"),
+    "ocean": ("ocean", "sea", "water", "waves", "stormy"),
+    "forest": ("forest", "jungle", "leaves", "moss"),
+    "snow": ("snow", "ice", "winter", "frost"),
+    "neon": ("neon", "cyber", "synthwave"),
+    "sunset": ("sunset", "dusk", "autumn"),
+    "gold": ("gold", "golden", "sun", "desert"),
+    "night": ("night", "midnight", "moon", "dark"),
+    "mono": ("mono", "gray", "grey", "charcoal", "noir"),
+    "red": ("red",),
+    "orange": ("orange",),
+    "yellow": ("yellow",),
+    "green": ("green",),
+    "blue": ("blue",),
+    "purple": ("purple", "violet"),
+    "pink": ("pink",),
+    # texture looks: applied before the colour look
+    "soft": ("watercolour", "watercolor", "pastel", "soft", "dream"),
+    "sketch": ("sketch", "pencil", "ink", "drawing"),
+    "poster": ("poster", "pop", "comic"),
+    "negative": ("negative", "invert", "xray"),
+}
+"""The words the tiny model was trained to answer, by look. Any other word does nothing."""
+TEXTURE_LOOKS = ("soft", "sketch", "poster", "negative")
+
+FILLER_WORDS = (
+    "a", "an", "the", "of", "in", "at", "with", "and", "on", "city", "street", "portrait", "face",
+    "landscape", "mountain", "cat", "dog", "house", "room", "tree", "sky", "boats", "roaring",
+    "blazing", "painting", "photo", "light", "over", "by",
+)
+"""Words the training captions use around the look words, trained to change nothing."""
+
+
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE on one lower-case word: merge the lowest-ranked adjacent pair until none is left."""
+    parts = [*word[:-1], word[-1] + "</w>"]
+    while len(parts) > 1:
+        pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(parts, parts[1:], strict=False))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def tokenizer_merges() -> list[str]:
+    """`_MERGES`, then merges that make every look and filler word one token.
+
+    Each word's merges are appended after all earlier ones, joining the pieces the merges so far
+    leave, so they never change how an earlier word splits (a later merge only applies once no
+    earlier one can)."""
+    merges = list(_MERGES)
+    ranks = {tuple(m.split(" ")): r for r, m in enumerate(merges)}
+    for word in sorted({w for words in TINY_LOOKS.values() for w in words} | set(FILLER_WORDS)):
+        parts = _bpe(word, ranks)
+        while len(parts) > 1:
+            ranks[(parts[0], parts[1])] = len(merges)
+            merges.append(f"{parts[0]} {parts[1]}")
+            parts[0:2] = [parts[0] + parts[1]]
+    return merges
+
+
+def weights_id() -> str:
+    """8 hex digits naming the shipped weights (from the sha256 list in their manifest)."""
+    manifest = json.loads((WEIGHTS_DIR / "manifest.json").read_text(encoding="utf-8"))
+    return hashlib.sha256(json.dumps(manifest["sha256"], sort_keys=True).encode()).hexdigest()[:8]
+
 
 def tiny_model_dir() -> Path:
-    return cache_dir() / "models" / f"tiny-v{TINY_FORMAT}"
+    # The weights' id in the name: a retrained set never reuses a cached copy of an older one.
+    return cache_dir() / "models" / f"tiny-v{TINY_FORMAT}-{weights_id()}"
 
 
 def ensure_tiny_model() -> Path:
@@ -77,12 +155,13 @@ def write_tiny_tokenizer(folder: Path) -> int:
     vocab: dict[str, int] = {}
     for token in [*symbols, *(s + "</w>" for s in symbols)]:
         vocab[token] = len(vocab)
-    for merge in _MERGES:
+    merges = tokenizer_merges()
+    for merge in merges:
         vocab.setdefault(merge.replace(" ", ""), len(vocab))
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(_MERGES) + "\n", encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     tokenizer_config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": MODEL_MAX_LENGTH,
@@ -96,18 +175,16 @@ def write_tiny_tokenizer(folder: Path) -> int:
     return len(vocab)
 
 
-def build_tiny_model(folder: Path) -> None:
-    """Create the tiny model's weights from a fixed seed and save them as a diffusers folder."""
+def tiny_modules(vocab_size: int) -> dict[str, Any]:
+    """The tiny model's networks, freshly initialised from `TINY_SEED` (the global RNG is restored).
+
+    The training script starts from exactly these; `build_tiny_model` loads the trained weights
+    into them."""
     import torch
-    from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-    from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()
-
-    vocab_size = write_tiny_tokenizer(folder / "tokenizer")
     bos, eos = vocab_size - 2, vocab_size - 1
-
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(TINY_SEED)
@@ -157,10 +234,44 @@ def build_tiny_model(folder: Path) -> None:
         )
     finally:
         torch.random.set_rng_state(generator_state)
+    return {"unet": unet, "vae_tiny": vae_tiny, "vae": vae, "text_encoder": text_encoder}
 
-    scheduler = LCMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
-    )
+
+def tiny_scheduler() -> Any:
+    """The tiny model's LCM scheduler (SD1.5's beta schedule); training uses its schedule too."""
+    from diffusers import LCMScheduler
+
+    return LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+TRAINED = ("unet", "vae_tiny", "text_encoder")
+"""The components with trained weights; the full AutoencoderKL (`vae/`) keeps its seeded
+random initialisation: the tiny model always runs with its own tiny VAE."""
+
+
+def load_trained_weights(modules: dict[str, Any], folder: Path = WEIGHTS_DIR) -> None:
+    """Load `folder/<name>.safetensors` (stored in float16 to stay small) into each module."""
+    from safetensors.torch import load_file
+
+    for name in TRAINED:
+        module = modules[name]
+        state = load_file(folder / f"{name}.safetensors")
+        reference = module.state_dict()
+        module.load_state_dict({k: v.to(reference[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def build_tiny_model(folder: Path, weights: Path = WEIGHTS_DIR) -> None:
+    """Write the tiny model (trained weights from `weights`, tokenizer, scheduler) as a diffusers folder."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+    vocab_size = write_tiny_tokenizer(folder / "tokenizer")
+    modules = tiny_modules(vocab_size)
+    load_trained_weights(modules, weights)
+    unet, vae, vae_tiny, text_encoder = (modules[k] for k in ("unet", "vae", "vae_tiny", "text_encoder"))
+
+    scheduler = tiny_scheduler()
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     vae.save_pretrained(folder / "vae", safe_serialization=True)
     vae_tiny.save_pretrained(folder / "vae_tiny", safe_serialization=True)
@@ -184,5 +295,5 @@ def build_tiny_model(folder: Path) -> None:
     (folder / "model_index.json").write_text(json.dumps(model_index, indent=2), encoding="utf-8")
     # Written last: its presence marks a complete build.
     (folder / "streamnode_tiny.json").write_text(
-        json.dumps({"format": TINY_FORMAT, "seed": TINY_SEED}), encoding="utf-8"
+        json.dumps({"format": TINY_FORMAT, "seed": TINY_SEED, "weights": "trained"}), encoding="utf-8"
     )
