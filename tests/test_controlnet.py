@@ -117,6 +117,24 @@ def test_stream_with_controlnets_and_brushes_equals_reference(components, nets, 
     assert maxdiff(outs[-1], engine.reference(frame)) <= TOL
 
 
+@pytest.mark.parametrize("cfg", ["full", "self"])
+def test_stream_with_controlnets_and_the_feature_bank_equals_reference(components, nets, cfg) -> None:
+    """Both extras of the one UNet call at once: each row's residuals and its stage's bank rows."""
+    engines = [make_engine(components, steps=2, frames=1, cfg=cfg) for _ in range(2)]
+    for engine in engines:
+        engine.update(feature_bank=True, feature_fusion=0.0, feature_bank_interval=600)
+    engine = engines[0]
+    engine.update(controlnet=(0, {"model": nets[0], "map": "edges-soft", "scale": 0.7}))
+    frame = float_frames(1, seed=7)
+    outs = []
+    for e in engines:
+        e(float_frames(1, seed=100))  # written into the bank, which then stays
+        outs.append([e(frame) for _ in range(2)][-1])
+    assert engine.feature_bank.filled == 1
+    assert maxdiff(outs[0], outs[1]) > 1e-2  # the net acts
+    assert maxdiff(outs[0], engine.reference(frame)) <= TOL
+
+
 # -- what a user notices -------------------------------------------------------------------
 
 
