@@ -11,8 +11,9 @@ look word (the empty one included) means the image itself.
 
 1. The TAESD-class VAE learns to reconstruct the images through its 8× smaller latent, held
    near zero mean and unit spread per channel (the scale the noise schedule assumes).
-2. The UNet and the CLIP text encoder learn paired img2img on the stream's own schedule
-   (`LcmSchedule` of the tiny LCM scheduler, every t_index 0..49): from
+2. The UNet and the CLIP text encoder learn paired img2img with the stream's own LCM step
+   (the tiny LCM scheduler's ᾱ and boundary scalings, as `LcmSchedule` reads them), at every
+   train timestep (so the UNet is smooth in t), the stream's range more often: from
    X = a·z_input + b·ε, one LCM step must land on z_target. So one denoising step gives the
    restyled frame, cond − uncond (CFG) points from the frame towards its look, and a blend of
    two prompts' embeddings lands between their looks. A quarter of the pairs start from an
@@ -289,9 +290,18 @@ def train_unet(modules: dict[str, torch.nn.Module], tokenizer: object, steps: in
                g: torch.Generator) -> float:
     """Paired img2img through the stream's own LCM step (module docstring)."""
     unet, text_encoder, vae = modules["unet"], modules["text_encoder"], modules["vae_tiny"]
-    schedule = LcmSchedule.from_scheduler(tiny_scheduler(), list(range(50)))
-    a_all, b_all = schedule.alpha.float(), schedule.beta.float()
-    skip_all, out_all = schedule.c_skip.float(), schedule.c_out.float()
+    scheduler = tiny_scheduler()
+    stream_t = LcmSchedule.from_scheduler(scheduler, list(range(50))).timesteps  # 999, 979, …, 19
+    # The same scalars as LcmSchedule, for every train timestep: training covers all of them,
+    # not only the stream's 50, so the UNet is smooth in t. Trained on the 50 alone, it keys on
+    # the sinusoidal embedding's fastest frequencies (a different pattern at every t): one step
+    # of t moved its output 7 %, and OpenVINO's own sin/cos moved it 9 %, failing the backend's
+    # self-check.
+    alphas_cumprod = scheduler.alphas_cumprod.double()
+    a_all, b_all = alphas_cumprod.sqrt().float(), (1 - alphas_cumprod).sqrt().float()
+    scalings = [scheduler.get_scalings_for_boundary_condition_discrete(t) for t in range(len(alphas_cumprod))]
+    skip_all = torch.tensor([float(s) for s, _ in scalings])
+    out_all = torch.tensor([float(o) for _, o in scalings])
     params = [*unet.parameters(), *text_encoder.parameters()]
     opt = torch.optim.Adam(params, lr=1e-3)
     loss_avg = 0.0
@@ -306,16 +316,16 @@ def train_unet(modules: dict[str, torch.nn.Module], tokenizer: object, steps: in
         with torch.no_grad():
             z_in = vae.encode(x * 2 - 1).latents
             z_target = vae.encode(y * 2 - 1).latents
-        # Every t_index the stream can use; the preset range (≥ 15) twice as often.
-        index = torch.where(_rand(g, batch) < 0.3, torch.randint(0, 50, (batch,), generator=g),
-                            torch.randint(15, 50, (batch,), generator=g))
-        a, b = a_all[index].view(-1, 1, 1, 1), b_all[index].view(-1, 1, 1, 1)
-        c_skip, c_out = skip_all[index].view(-1, 1, 1, 1), out_all[index].view(-1, 1, 1, 1)
+        # Every timestep; the presets' range (t_index ≥ 15, t ≤ 699) twice as often.
+        t = torch.where(_rand(g, batch) < 0.3, torch.randint(0, 1000, (batch,), generator=g),
+                        torch.randint(int(stream_t[-1]), int(stream_t[15]) + 1, (batch,), generator=g))
+        a, b = a_all[t].view(-1, 1, 1, 1), b_all[t].view(-1, 1, 1, 1)
+        c_skip, c_out = skip_all[t].view(-1, 1, 1, 1), out_all[t].view(-1, 1, 1, 1)
         noise = torch.randn(z_in.shape, generator=g)
         latent = a * z_in + b * noise
         ids = tokenizer(list(captions), padding="max_length", max_length=77, truncation=True,
                         return_tensors="pt").input_ids
-        eps = unet(latent, schedule.timesteps[index], encoder_hidden_states=text_encoder(ids)[0]).sample
+        eps = unet(latent, t, encoder_hidden_states=text_encoder(ids)[0]).sample
         x0 = c_out * (latent - b * eps) / a + c_skip * latent
         # x0 error, down-weighted where the latent is mostly noise (SNR < 1/4), where the
         # input says little and ε errors are magnified by b/a.

@@ -23,8 +23,10 @@ from streamnode.diffusion.stream import StreamEngine
 ov = pytest.importorskip("openvino", reason='OpenVINO is not installed: pip install "streamnode[openvino]"')
 
 SIZE = 64
-FP32_LEVELS = 2
-"""fp32 OpenVINO vs PyTorch: at most this many uint8 levels apart anywhere (measured: ≤ 1)."""
+FP32_LEVELS = 4
+"""fp32 OpenVINO vs PyTorch: at most this many uint8 levels apart anywhere (measured ≤ 4 on the
+trained tiny model, whose decoder passes rounding differences on where the random one flattened
+them (≤ 1); a wrong model is tens of levels off)."""
 T_LISTS = {1: [35], 2: [32, 45], 4: [16, 24, 32, 45]}
 
 

@@ -116,14 +116,14 @@ def test_output_follows_the_input_edge_correlation_above_0_45_and_0_4_over_anoth
     for prompt in ("", "a watercolour city at dusk", "fire"):
         out = run(frame, prompt=prompt)
         own, other = edge_correlation(out, frame), edge_correlation(out, later)
-        assert own > 0.45 and own - other > 0.4, (prompt, own, other)  # measured 0.59–0.74 vs ≈ 0
+        assert own > 0.45 and own - other > 0.4, (prompt, own, other)  # measured 0.64–0.80 vs ≤ 0.03
 
 
 def test_empty_prompt_keeps_the_frame_above_13_db_and_6_db_over_another_frame(
     run, frame: np.ndarray  # noqa: ANN001
 ) -> None:
     out = run(frame, prompt="")
-    assert psnr(out, frame) > 13.0 and psnr(out, frame) > psnr(out, _frame(40)) + 6.0  # measured 15.0 vs 5.8
+    assert psnr(out, frame) > 13.0 and psnr(out, frame) > psnr(out, _frame(40)) + 6.0  # measured 15.0 vs 5.7
 
 
 def test_a_new_prompt_moves_the_picture_at_least_10_levels_the_same_prompt_at_most_1(
@@ -157,7 +157,7 @@ def test_guidance_amplifies_the_look(run, frame: np.ndarray) -> None:  # noqa: A
     plain = run(frame, prompt="")
     weak = level_change(run(frame, prompt="ocean", cfg_type="full", guidance_scale=1.0), plain)
     strong = level_change(run(frame, prompt="ocean", cfg_type="full", guidance_scale=2.0), plain)
-    assert strong >= weak + 20.0, (weak, strong)  # measured 73 → 116 levels
+    assert strong >= weak + 20.0, (weak, strong)  # measured 74 → 116 levels
 
 
 def test_a_brush_paints_its_look_in_its_region_at_least_10_levels_outside_at_most_1(
@@ -172,7 +172,20 @@ def test_a_brush_paints_its_look_in_its_region_at_least_10_levels_outside_at_mos
     # GroupNorm statistics and attention carry a little of it everywhere (as in a real model).
     plain, brushed = run(frame, t_index_list=(32, 45), prompt=""), run(frame, t_index_list=(32, 45), prompt="", brushes=brush)
     assert level_change(brushed[:, inside], plain[:, inside]) >= 10.0
-    assert level_change(brushed[:, outside], plain[:, outside]) <= 6.0  # measured ≈ 3
+    assert level_change(brushed[:, outside], plain[:, outside]) <= 6.0  # measured ≈ 2
+
+
+def test_unet_is_smooth_in_t_one_timestep_moves_it_under_2_percent(components) -> None:  # noqa: ANN001
+    # A UNet that keys on the timestep embedding's fastest sinusoids gives a backend's own
+    # sin/cos a different answer: OpenVINO's self-check (5 % of the output range) refused one.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    emb = components.encode_text(["", "fire"])
+    with torch.inference_mode():
+        for t in (699, 299, 99):
+            at = components.unet(x, torch.full((2,), t), encoder_hidden_states=emb).sample
+            next_t = components.unet(x, torch.full((2,), t + 1), encoder_hidden_states=emb).sample
+            assert float((next_t - at).abs().max() / at.abs().max()) < 0.02, t
 
 
 def test_unknown_words_change_little_under_4_levels(run, frame: np.ndarray) -> None:  # noqa: ANN001

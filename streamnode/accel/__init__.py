@@ -57,7 +57,7 @@ SELF_CHECK_RTOL_BF16 = 0.2
 """The same check for a model that runs in bf16 (OpenVINO on a CPU with AMX or AVX-512-BF16).
 
 bf16 keeps 8 mantissa bits to fp16's 11: its rounding is 8x coarser, so a sound bf16 UNet differs
-from fp32 PyTorch by a few % of the range (5.4 % on the tiny model), which the fp16 bound refused,
+from fp32 PyTorch by a few % of the range (5.4 % on a random tiny UNet), which the fp16 bound refused,
 sending every such CPU back to eager. 20 % still refuses a damaged model (~100 %); the picture-level
 bound for bf16 is tested in levels (tests/test_accel_openvino.py).
 """
