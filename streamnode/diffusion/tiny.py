@@ -26,7 +26,8 @@ from streamnode.config import cache_dir
 logger = logging.getLogger(__name__)
 
 TINY_FORMAT = 3
-"""Bumped whenever the architecture or the weights change, so an old cached copy is rebuilt."""
+"""Bumped whenever the architecture or the folder's layout changes, so an old cached copy is
+rebuilt; new weights rename the cache folder by themselves (`weights_id`)."""
 
 WEIGHTS_DIR = Path(__file__).with_name("tiny_model")
 """The trained weights (one safetensors file per component), committed with the package."""
