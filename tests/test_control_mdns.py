@@ -63,9 +63,11 @@ def test_mdns_announces_oscquery_and_osc_on_loopback_and_withdraws_them() -> Non
     assert r["host_info"] == {"name": "streamnode /mdns", "osc_port": r["osc_port"], "transport": "UDP"}
     from streamnode.config import RuntimeConfig
     from streamnode.control.osc import ADDRESSES
+    from streamnode.live_params import GROUPS
 
     rt = RuntimeConfig()
-    slots = {None: 1, "brush": 2, "lora": rt.max_loras, "lfo": rt.max_lfos, "cues": rt.max_cues}  # every slot listed
+    # Every slot of every indexed group is listed: the scenario's 2 brushes, the others' defaults.
+    slots = {None: 1, **{g.name: getattr(rt, g.limit) for g in GROUPS}, "brush": 2}
     assert r["guidance"] == [1.2] and r["methods"] == sum(slots[p.group] for p in ADDRESSES)
     assert r["withdrawn"], "stopping the node withdraws the services"
 

@@ -124,15 +124,19 @@ def test_stream_with_controlnets_and_the_feature_bank_equals_reference(component
     for engine in engines:
         engine.update(feature_bank=True, feature_fusion=0.0, feature_bank_interval=600)
     engine = engines[0]
-    engine.update(controlnet=(0, {"model": nets[0], "map": "edges-soft", "scale": 0.7}))
-    frame = float_frames(1, seed=7)
-    outs = []
-    for e in engines:
-        e(float_frames(1, seed=100))  # written into the bank, which then stays
-        outs.append([e(frame) for _ in range(2)][-1])
-    assert engine.feature_bank.filled == 1
-    assert maxdiff(outs[0], outs[1]) > 1e-2  # the net acts
-    assert maxdiff(outs[0], engine.reference(frame)) <= TOL
+    try:
+        engine.update(controlnet=(0, {"model": nets[0], "map": "edges-soft", "scale": 0.7}))
+        frame = float_frames(1, seed=7)
+        outs = []
+        for e in engines:
+            e(float_frames(1, seed=100))  # written into the bank, which then stays
+            outs.append([e(frame) for _ in range(2)][-1])
+        assert engine.feature_bank.filled == 1
+        assert maxdiff(outs[0], outs[1]) > 1e-2  # the net acts
+        assert maxdiff(outs[0], engine.reference(frame)) <= TOL
+    finally:
+        for e in engines:
+            e.close()  # the bank's processors sit on the shared UNet until then
 
 
 # -- what a user notices -------------------------------------------------------------------
