@@ -10,29 +10,16 @@ by this file as a script (like tests/test_io_ndi.py).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from netns import MULTICAST_ROUTED, netns_problem, run_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve()
-
-
-def _netns_problem() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return "network namespaces are Linux-only"
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return "needs unshare and ip (util-linux, iproute2)"
-    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=10)
-    if probe.returncode != 0:
-        return f"cannot create a network namespace here: {probe.stderr.decode(errors='replace').strip()}"
-    return None
 
 
 @pytest.mark.netns
@@ -40,22 +27,11 @@ def _netns_problem() -> str | None:
 def test_mdns_announces_oscquery_and_osc_on_loopback_and_withdraws_them() -> None:
     pytest.importorskip("zeroconf", reason="pip install 'streamnode[oscquery]'")
     pytest.importorskip("pythonoscquery", reason="pip install python-oscquery")
-    problem = _netns_problem()
+    problem = netns_problem()
     if problem:
         pytest.skip(problem)
-    # mDNS is multicast: loopback carries it once it is marked multicast-capable.
-    script = (f"ip link set lo up && ip link set lo multicast on && ip route add 224.0.0.0/4 dev lo && "
-              f"exec {sys.executable} {HERE} scenario")
-    proc = subprocess.Popen(["unshare", "-n", "sh", "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-    lines = [line for line in stdout.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0 and lines, f"rc={proc.returncode}\nstdout:\n{stdout}\nstderr:\n{stderr[-4000:]}"
-    r = json.loads(lines[-1])
+    # mDNS is multicast: loopback carries it once it is marked multicast-capable and routed.
+    r = run_scenario(HERE, "scenario", setup=MULTICAST_ROUTED)
     assert r["links"] == ["lo"], "the namespace must have only loopback"
     assert r["oscjson"] == {"name": "streamnode /mdns._oscjson._tcp.local.", "addresses": ["127.0.0.1"],
                             "port": r["oscquery_port"]}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,40 +18,18 @@ import uuid
 from pathlib import Path
 
 import pytest
+from netns import netns_problem, run_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve()
 
 
-def _netns_available() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return "network namespaces are Linux-only"
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return "needs unshare and ip (util-linux, iproute2)"
-    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=10)
-    if probe.returncode != 0:
-        return f"cannot create a network namespace here: {probe.stderr.decode(errors='replace').strip()}"
-    return None
-
-
 def _run_in_netns(*args: str, timeout: float = 90) -> dict:
     pytest.importorskip("NDIlib", reason='ndi-python not installed (pip install "streamnode[ndi]")')
-    reason = _netns_available()
+    reason = netns_problem()
     if reason:
         pytest.skip(reason)
-    script = f"ip link set lo up && exec {sys.executable} {HERE} {' '.join(args)}"
-    # Own process group: on a timeout the scenario and everything it started go together.
-    proc = subprocess.Popen(["unshare", "-n", "sh", "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    assert out.returncode == 0 and lines, f"rc={out.returncode}\nstdout:\n{out.stdout}\nstderr:\n{out.stderr[-4000:]}"
-    return json.loads(lines[-1])
+    return run_scenario(HERE, *args, timeout=timeout)
 
 
 @pytest.mark.netns

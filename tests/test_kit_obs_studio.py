@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import pytest
+from netns import netns_problem, run_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve()
@@ -67,10 +68,7 @@ def _missing() -> str | None:
             return f"{program} not found (Debian: apt-get install {package}; .ci/run installs it)"
     if importlib.util.find_spec("obsws_python") is None:
         return 'obsws-python not installed (pip install "streamnode[obs]")'
-    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=10)
-    if probe.returncode != 0:
-        return f"cannot create a network namespace here: {probe.stderr.decode(errors='replace').strip()}"
-    return None
+    return netns_problem()
 
 
 @pytest.mark.netns
@@ -79,18 +77,7 @@ def test_the_kit_in_a_real_obs() -> None:
     reason = _missing()
     if reason:
         pytest.skip(reason)
-    script = f"ip link set lo up && exec {sys.executable} {HERE} scenario"
-    # Own process group: on a timeout the scenario and everything it started go together.
-    proc = subprocess.Popen(["unshare", "-n", "sh", "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-    lines = [line for line in stdout.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0 and lines, f"rc={proc.returncode}\nstdout:\n{stdout[-6000:]}\nstderr:\n{stderr[-4000:]}"
-    r = json.loads(lines[-1])
+    r = run_scenario(HERE, "scenario", timeout=150)
     context = json.dumps(r, indent=1)[-12000:]
     assert r["isolated"], "the namespace must have only loopback"
 

@@ -10,48 +10,25 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from netns import MULTICAST, netns_problem, run_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve()
 
 
-def _netns_problem() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return "network namespaces are Linux-only"
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return "needs unshare and ip (util-linux, iproute2)"
-    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=10)
-    if probe.returncode != 0:
-        return f"cannot create a network namespace here: {probe.stderr.decode(errors='replace').strip()}"
-    return None
-
-
 @pytest.mark.netns
 def test_a_link_peer_joining_setting_the_tempo_and_leaving_never_stops_the_node() -> None:
     pytest.importorskip("link", reason="pip install 'streamnode[tempo]'")
-    problem = _netns_problem()
+    problem = netns_problem()
     if problem:
         pytest.skip(problem)
-    script = f"ip link set lo up && ip link set lo multicast on && exec {sys.executable} {HERE} scenario"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen(["unshare", "-n", "sh", "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
-    try:
-        stdout, stderr = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-    lines = [line for line in stdout.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0 and lines, f"rc={proc.returncode}\nstdout:\n{stdout}\nstderr:\n{stderr[-4000:]}"
-    r = json.loads(lines[-1])
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    r = run_scenario(HERE, "scenario", setup=MULTICAST, timeout=60, env={"PYTHONPATH": pythonpath})
     assert r["peer_seen"], "the node saw the peer join"
     assert abs(r["node_bpm"] - 133.0) < 0.01, "the node follows the tempo the peer set"
     assert abs(r["beat_gap"]) < 0.05, "both peers agree on the beat"

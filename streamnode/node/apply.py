@@ -16,6 +16,7 @@ brushes, LoRAs and ControlNets (all current ones go), and, with --allow-model-sw
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from streamnode.config import load_config
@@ -193,34 +194,29 @@ class Applier:
         """A LoRA edit ((index, field or "clear", value), or (index, {fields})): at once when it is
         light and nothing is waiting before it, else planned on the LoRA loader's thread (Deferred,
         unless `deferred_ok`: then it is reported when committed, and this returns)."""
-        node = self.node
-        index = int(update.value[0])
-        limit = node.config.runtime.max_loras
-        if not 0 <= index < limit:
-            raise ValueError(f"lora {update.value[0]}: use 0..{limit - 1}")
-        edit = (index, *update.value[1:])
-        if node.lora_loader.busy() or engine.lora_heavy(edit):
-            node.lora_loader.request(LoraJob(update, engine, edit))
-            if deferred_ok:
-                return
-            raise Deferred
-        engine.update(lora=edit)
+        self._apply_loaded(update, engine, "lora", self.node.lora_loader, engine.lora_heavy, deferred_ok)
 
     def apply_controlnet(self, update: Update, engine: Engine, *, deferred_ok: bool = False) -> None:
         """A ControlNet edit, like a LoRA edit: at once when it loads no model and nothing waits
         before it, else on the ControlNet loader's thread (Deferred unless `deferred_ok`)."""
-        node = self.node
+        self._apply_loaded(update, engine, "controlnet", self.node.controlnet_loader, engine.controlnet_heavy,
+                           deferred_ok)
+
+    def _apply_loaded(self, update: Update, engine: Engine, key: str, loader: LoraLoader,
+                      heavy: Callable[[tuple[Any, ...]], bool], deferred_ok: bool) -> None:
+        """An edit of a group whose heavy edits (a file to read, weights to merge) are planned off
+        the engine thread: `loader` plans them; `heavy(edit)` says which are."""
         index = int(update.value[0])
-        limit = node.config.runtime.max_controlnets
+        limit = getattr(self.node.config.runtime, f"max_{key}s")
         if not 0 <= index < limit:
-            raise ValueError(f"controlnet {update.value[0]}: use 0..{limit - 1}")
+            raise ValueError(f"{key} {update.value[0]}: use 0..{limit - 1}")
         edit = (index, *update.value[1:])
-        if node.controlnet_loader.busy() or engine.controlnet_heavy(edit):
-            node.controlnet_loader.request(LoraJob(update, engine, edit))
+        if loader.busy() or heavy(edit):
+            loader.request(LoraJob(update, engine, edit))
             if deferred_ok:
                 return
             raise Deferred
-        engine.update(controlnet=edit)
+        engine.update(**{key: edit})
 
     def _poll_control_maps(self) -> None:
         """Hand the engine the external ControlNet maps that arrived (node/control_maps.py)."""
