@@ -41,6 +41,7 @@ ARTNET_ID = b"Art-Net\x00"
 OP_DMX = 0x5000
 _HEADER = struct.Struct("<8sHBBBBHH")  # id, opcode (LE), protver hi, lo, sequence, physical, port-address (LE), length (BE, fixed below)
 _RECV_TICK_S = 0.1
+_COALESCE_S = 0.005
 
 
 class ArtNetError(ValueError):
@@ -127,22 +128,34 @@ class ArtNetMapper:
         return cls(queue, cfg.universe, channels)
 
     def handle(self, packet: bytes, host: str = "") -> None:
+        """One packet: checked, then its levels mapped."""
+        dmx = self.accept(packet, host)
+        if dmx is not None:
+            self.apply(dmx)
+
+    def accept(self, packet: bytes, host: str = "") -> ArtDmx | None:
+        """The packet's ArtDmx when it is well formed, for our universe and not overtaken; else
+        None (a malformed one logged once per reason and sender)."""
         try:
             dmx = parse(packet)
         except ArtNetError as e:
             self.malformed += 1
             if (held := self._log_limit(f"artnet:{host}:{str(e)[:24]}")) is not None:
                 logger.warning("Art-Net: dropped a packet from %s: %s%s", host or "?", e, held_text(held))
-            return
+            return None
         if dmx is None or dmx.universe != self.universe:
-            return
+            return None
         if dmx.sequence:  # 0: the sender does not number its packets
             behind = (self._sequence - dmx.sequence) % 256
             if self._sequence and 0 < behind < 128:
                 self.stale += 1  # overtaken on the way (UDP reorders): its levels are older
-                return
+                return None
             self._sequence = dmx.sequence
         self.packets += 1
+        return dmx
+
+    def apply(self, dmx: ArtDmx) -> None:
+        """A universe's levels → an update for each mapped channel that moved."""
         for channel in self.channels:
             fraction = channel.fraction(dmx.data)
             if fraction is None or self._last.get(channel.offset) == fraction:
@@ -193,6 +206,7 @@ class ArtNetReceiver:
             while not stop.is_set():
                 if not sel.select(_RECV_TICK_S):
                     continue
+                newest = None
                 for _ in range(256):
                     try:
                         data, (host, _port) = sock.recvfrom(2048)
@@ -200,7 +214,14 @@ class ArtNetReceiver:
                         break
                     except OSError:
                         break  # an ICMP error on some systems: the next read is fine
-                    self.mapper.handle(data, host)
+                    newest = self.mapper.accept(data, host) or newest
+                if newest is not None:
+                    self.mapper.apply(newest)
+                # An ArtDmx packet carries the whole universe, so of the packets that arrive
+                # together only the newest counts: waiting a little before the next read maps one
+                # packet per tick however fast the desk sends (desks send ≤ 44 a second; the tick
+                # is well under one packet's interval and under a frame).
+                stop.wait(_COALESCE_S)
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
