@@ -42,6 +42,7 @@ from streamnode.control.updates import Update  # noqa: E402
 from streamnode.io import base  # noqa: E402
 from streamnode.node import Node  # noqa: E402
 from streamnode.tempo.clock import InternalClock  # noqa: E402
+from streamnode.tempo.midi_ports import POLL_S as MIDI_POLL_S  # noqa: E402
 
 
 class Stamps:
@@ -155,23 +156,25 @@ while True:
 
 
 def midi_port(node: Node, rate: float, stop: threading.Event, sent: list[int], cpu: list[float]) -> None:
-    """What the node's MIDI thread does with `rate` CCs a second: map each onto the queue. `cpu`
-    gets this thread's CPU time."""
+    """What the node's MIDI thread does with a device sending `rate` CCs a second: as
+    tempo/midi_ports.py reads a port, take every message that has arrived, map each onto the
+    queue, and when none has, wait its poll interval. `cpu` gets this thread's CPU time."""
     path = Path("/tmp/streamnode-bench-midi.json")
     path.write_text('{"mappings": [{"kind": "cc", "channel": 1, "number": 1, "address": "/guidance"}]}')
     mapper = MidiMapper(node.queue, {"brush": 8, "lora": 8, "lfo": 8, "cues": 16}, path, live=node.live)
     i = 0
-    t_next = time.monotonic()
+    t0 = time.monotonic()
     c0 = time.thread_time()
     while not stop.is_set():
-        i += 1
-        mapper.handle(SimpleNamespace(type="control_change", channel=0, control=1, value=i % 128))
-        sent[0] += 1
+        arrived = int((time.monotonic() - t0) * rate)  # what the device has sent by now
+        drained = i < arrived
+        while i < arrived:  # port.iter_pending()
+            i += 1
+            mapper.handle(SimpleNamespace(type="control_change", channel=0, control=1, value=i % 128))
+            sent[0] += 1
         cpu[0] = time.thread_time() - c0
-        t_next += 1.0 / rate
-        delay = t_next - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
+        if not drained:
+            stop.wait(MIDI_POLL_S)
 
 
 def thread_cpu_s(name: str) -> float:

@@ -18,7 +18,7 @@ from streamnode.log_limit import LogLimiter, held_text
 
 logger = logging.getLogger(__name__)
 
-_POLL_S = 0.005  # a port is polled: mido's blocking iterator cannot see the stop Event
+POLL_S = 0.005  # a port is polled: mido's blocking iterator cannot see the stop Event
 _BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 _PRESENT_CHECK_S = 1.0  # while a port is quiet, how often to check it is still there
 
@@ -77,7 +77,7 @@ def read_port(name: str, stop: threading.Event, on_message: Callable[[Any], None
                     drained = True
                     on_message(message)
                 if not drained:
-                    stop.wait(_POLL_S)
+                    stop.wait(POLL_S)
                     # An unplugged port may fall silent rather than fail a read: look for it.
                     if time.monotonic() >= next_check:
                         next_check = time.monotonic() + _PRESENT_CHECK_S
