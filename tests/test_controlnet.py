@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_engine import maxdiff, record_latents
 
 from streamnode.accel import GuardedCall
 from streamnode.diffusion.control_maps import make_map
@@ -51,18 +52,6 @@ def float_frames(frames: int, seed: int) -> torch.Tensor:
     return out if frames > 1 else out[0]
 
 
-def record_latents(engine: StreamEngine) -> list[torch.Tensor]:
-    seen: list[torch.Tensor] = []
-    decode = engine.vae_decode
-
-    def recording(z: torch.Tensor) -> torch.Tensor:
-        seen.append(z.detach().clone())
-        return decode(z)
-
-    engine.vae_decode = recording
-    return seen
-
-
 def record_control(engine: StreamEngine) -> list[object]:
     """Every `control` the UNet seam receives (None when the call had none)."""
     seen: list[object] = []
@@ -75,10 +64,6 @@ def record_control(engine: StreamEngine) -> list[object]:
 
     engine.unet_call = recording
     return seen
-
-
-def maxdiff(a, b) -> float:  # noqa: ANN001
-    return float((torch.as_tensor(a).double() - torch.as_tensor(b).double()).abs().max())
 
 
 # -- the stream batch with ControlNets equals the step-by-step reference -------------------

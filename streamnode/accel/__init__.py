@@ -230,7 +230,7 @@ def _use_compile(engine: Any, originals: dict[str, Callable[..., Any]], opts: di
 def _use_tensorrt(engine: Any, originals: dict[str, Callable[..., Any]], opts: dict[str, Any]) -> dict[str, GuardedCall]:
     import torch
 
-    from streamnode.accel.cache import COMPONENTS, CONTROL_UNET, EngineCacheError
+    from streamnode.accel.cache import COMPONENTS, CONTROL_UNET, SEAM_COMPONENTS, EngineCacheError
     from streamnode.accel.controlnet_export import ResidualUnetCall
     from streamnode.accel.onnx_export import PositionalUnetCall
     from streamnode.accel.profile import profile_for_engine
@@ -285,7 +285,7 @@ def _use_tensorrt(engine: Any, originals: dict[str, Callable[..., Any]], opts: d
     runners = {"unet_call": unet_call, "vae_encode": ready["vae_encoder"].runner,
                "vae_decode": ready["vae_decoder"].runner}
     scale = int(getattr(components, "vae_scale_factor", 8))
-    seam_components = {"unet_call": unet, "vae_encode": "vae_encoder", "vae_decode": "vae_decoder"}
+    seam_components = {**SEAM_COMPONENTS, "unet_call": unet}
     # Each engine may come from a different (wider) cached profile: judge each by its own.
     accepts = {
         seam: seam_acceptors(ready[component].entry.key.profile, scale)[seam]

@@ -39,6 +39,8 @@ ENGINE_FORMAT_VERSION = 1
 """Bump when the ONNX export, I/O names or build settings change: every cached engine is rebuilt."""
 
 COMPONENTS = ("unet", "vae_encoder", "vae_decoder")
+SEAM_COMPONENTS = {"unet_call": "unet", "vae_encode": "vae_encoder", "vae_decode": "vae_decoder"}
+"""The engine seam each cached component serves."""
 CONTROL_UNET = "unet_control"
 """The UNet with ControlNet residual inputs (accel/controlnet_export.py), built instead of `unet`
 with `model.engine_controlnet`."""

@@ -45,6 +45,7 @@ import torch
 
 from streamnode.accel.cache import (
     CONTROL_UNET,
+    SEAM_COMPONENTS,
     CacheEntry,
     EngineCache,
     EngineKey,
@@ -59,7 +60,6 @@ from streamnode.accel.profile import SIZE_MULTIPLE, EngineProfile
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = 'pip install "streamnode[openvino]"'
-SEAM_COMPONENTS = {"unet_call": "unet", "vae_encode": "vae_encoder", "vae_decode": "vae_decoder"}
 PRECISIONS = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
 """OpenVINO's inference precision names → the cache key's dtype names."""
 

@@ -182,7 +182,7 @@ def tiny_modules(vocab_size: int) -> dict[str, Any]:
     The training script starts from exactly these; `build_tiny_model` loads the trained weights
     into them."""
     import torch
-    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     bos, eos = vocab_size - 2, vocab_size - 1
@@ -202,24 +202,7 @@ def tiny_modules(vocab_size: int) -> dict[str, Any]:
             attention_head_dim=4,
             norm_num_groups=8,
         )
-        # TAESD layout (4 levels, 8× down) with slim widths: the standard 64-wide TAESD costs
-        # ~0.7 s per 256² frame on 2 CPU cores.
-        vae_tiny = AutoencoderTiny(
-            encoder_block_out_channels=(16, 16, 16, 16),
-            decoder_block_out_channels=(16, 16, 16, 16),
-            num_encoder_blocks=(1, 1, 1, 1),
-            num_decoder_blocks=(1, 1, 1, 1),
-            latent_channels=4,
-        )
-        vae = AutoencoderKL(
-            block_out_channels=(16, 16, 16, 16),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            norm_num_groups=8,
-            layers_per_block=1,
-            sample_size=256,
-        )
+        vae_tiny, vae = tiny_vaes()
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=vocab_size,
@@ -236,6 +219,45 @@ def tiny_modules(vocab_size: int) -> dict[str, Any]:
     finally:
         torch.random.set_rng_state(generator_state)
     return {"unet": unet, "vae_tiny": vae_tiny, "vae": vae, "text_encoder": text_encoder}
+
+
+def tiny_vaes(scaling_factor: float = 0.18215) -> tuple[Any, Any]:
+    """(TAESD-class AutoencoderTiny, full AutoencoderKL) of the tiny models, initialised from the
+    global RNG (the callers seed it). `scaling_factor`: SD's 0.18215, SDXL's 0.13025."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    # TAESD layout (4 levels, 8× down) with slim widths: the standard 64-wide TAESD costs
+    # ~0.7 s per 256² frame on 2 CPU cores.
+    vae_tiny = AutoencoderTiny(
+        encoder_block_out_channels=(16, 16, 16, 16),
+        decoder_block_out_channels=(16, 16, 16, 16),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+        latent_channels=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=256,
+        scaling_factor=scaling_factor,
+    )
+    return vae_tiny, vae
+
+
+def save_vaes(folder: Path, vae_tiny: Any, vae: Any) -> None:
+    """Write both VAEs into a diffusers model folder (`vae_tiny/`, `vae/`)."""
+    vae.save_pretrained(folder / "vae", safe_serialization=True)
+    vae_tiny.save_pretrained(folder / "vae_tiny", safe_serialization=True)
+    # AutoencoderTiny records a `block_out_channels` alias it then rejects (with a warning) on
+    # every load; published TAESD configs do not carry it.
+    vae_config = folder / "vae_tiny" / "config.json"
+    config = json.loads(vae_config.read_text(encoding="utf-8"))
+    config.pop("block_out_channels", None)
+    vae_config.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 def tiny_scheduler() -> Any:
@@ -274,14 +296,7 @@ def build_tiny_model(folder: Path, weights: Path = WEIGHTS_DIR) -> None:
 
     scheduler = tiny_scheduler()
     unet.save_pretrained(folder / "unet", safe_serialization=True)
-    vae.save_pretrained(folder / "vae", safe_serialization=True)
-    vae_tiny.save_pretrained(folder / "vae_tiny", safe_serialization=True)
-    # AutoencoderTiny records a `block_out_channels` alias it then rejects (with a warning) on
-    # every load; published TAESD configs do not carry it.
-    vae_config = folder / "vae_tiny" / "config.json"
-    config = json.loads(vae_config.read_text(encoding="utf-8"))
-    config.pop("block_out_channels", None)
-    vae_config.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    save_vaes(folder, vae_tiny, vae)
     text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
     scheduler.save_pretrained(folder / "scheduler")
     model_index = {

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from streamnode.config import cache_dir
-from streamnode.diffusion.tiny import write_tiny_tokenizer
+from streamnode.diffusion.tiny import save_vaes, tiny_scheduler, tiny_vaes, write_tiny_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def ensure_tiny_sdxl_model() -> Path:
 def build_tiny_sdxl_model(folder: Path) -> None:
     """Create the weights from a fixed seed and save them as an SDXL diffusers folder."""
     import torch
-    from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     from transformers.utils import logging as transformers_logging
 
@@ -104,38 +104,15 @@ def build_tiny_sdxl_model(folder: Path) -> None:
             addition_time_embed_dim=TIME_EMBED_DIM,
             projection_class_embeddings_input_dim=POOLED_DIM + 6 * TIME_EMBED_DIM,
         )
-        vae_tiny = AutoencoderTiny(
-            encoder_block_out_channels=(16, 16, 16, 16),
-            decoder_block_out_channels=(16, 16, 16, 16),
-            num_encoder_blocks=(1, 1, 1, 1),
-            num_decoder_blocks=(1, 1, 1, 1),
-            latent_channels=4,
-        )
-        vae = AutoencoderKL(
-            block_out_channels=(16, 16, 16, 16),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            norm_num_groups=8,
-            layers_per_block=1,
-            sample_size=256,
-            scaling_factor=0.13025,
-        )
+        vae_tiny, vae = tiny_vaes(scaling_factor=0.13025)
         text_encoder = CLIPTextModel(text_config())
         text_encoder_2 = CLIPTextModelWithProjection(text_config(projection_dim=POOLED_DIM))
     finally:
         torch.random.set_rng_state(generator_state)
 
-    scheduler = LCMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
-    )
+    scheduler = tiny_scheduler()
     unet.save_pretrained(folder / "unet", safe_serialization=True)
-    vae.save_pretrained(folder / "vae", safe_serialization=True)
-    vae_tiny.save_pretrained(folder / "vae_tiny", safe_serialization=True)
-    tiny_config = folder / "vae_tiny" / "config.json"
-    data = json.loads(tiny_config.read_text(encoding="utf-8"))
-    data.pop("block_out_channels", None)  # an alias AutoencoderTiny writes and then rejects on load
-    tiny_config.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    save_vaes(folder, vae_tiny, vae)
     text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
     text_encoder_2.save_pretrained(folder / "text_encoder_2", safe_serialization=True)
     scheduler.save_pretrained(folder / "scheduler")
