@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -234,4 +235,43 @@ def test_osc_pause_status_and_errors_on_the_running_node(node) -> None:  # noqa:
     assert surface.wait_for(applied_addr("/prompt")) == ["a dog"]
     surface.send("/guidance", 99.0)
     assert "/guidance: 99.0 is out of range 0..20" in surface.errors(0.5)
+    assert running.status()["state"] == "streaming"
+
+
+def test_updates_that_arrive_together_apply_in_one_engine_update_each_reported(node) -> None:  # noqa: ANN001
+    """A storm of faders costs one engine update a frame; a bad value among them is refused alone."""
+    running, _surface = node
+    engine = running.engine
+    calls: list[set[str]] = []
+    gate, entered = threading.Event(), threading.Event()
+    update = engine.update
+
+    def counted(**kwargs: Any) -> None:
+        calls.append(set(kwargs))
+        if "similarity_max_skip" in kwargs and not gate.is_set():
+            entered.set()
+            gate.wait(5)  # hold the engine thread between frames while the rest arrive
+        update(**kwargs)
+
+    reports: list[tuple[str, str | None]] = []
+    running.queue.on_report(lambda u, error: reports.append((u.key, error)))
+    engine.update = counted  # type: ignore[method-assign]
+    try:
+        running.queue.put(Update("similarity_max_skip", 7, origin="/similarity_max_skip"))
+        assert entered.wait(5), "the engine thread did not take the first update"
+        running.queue.put(Update("guidance_scale", 1.7, origin="/guidance"))
+        running.queue.put(Update("delta", 0.6, origin="/delta"))
+        running.queue.put(Update("t_index_list", [5, 3], origin="/t_index"))  # not increasing: refused
+        calls.clear()
+        gate.set()
+        wait_for(lambda: {k for k, _ in reports} >= {"guidance_scale", "delta", "t_index_list"}, 10, "reports")
+    finally:
+        gate.set()
+        engine.update = update  # type: ignore[method-assign]
+    assert {"guidance_scale", "delta", "t_index_list"} in calls  # tried together first
+    errors = dict(reports)
+    assert errors["guidance_scale"] is None and errors["delta"] is None
+    assert errors["t_index_list"]  # its own reason, reported against it alone
+    params = running.live().params
+    assert (params.guidance_scale, params.delta, params.similarity_max_skip) == (1.7, 0.6, 7)
     assert running.status()["state"] == "streaming"

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from streamnode.config import load_config
 from streamnode.control.updates import ENGINE_KEYS, Update
 from streamnode.engine import Engine
-from streamnode.live_params import MASK_SOURCES, LiveState
+from streamnode.live_params import MASK_SOURCES, LiveParams, LiveState
 from streamnode.log_limit import LogLimiter, held_text
 from streamnode.node.lora_loader import LoraJob, LoraLoader
 from streamnode.node.model_switch import LoadJob
@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from streamnode.node.lifecycle import Node
 
 logger = logging.getLogger(__name__)
+
+LIVE_KEYS = frozenset(LiveParams.model_fields)
+"""The schema's live parameters: plain values the engine takes together in one `update`."""
 
 
 class Deferred(Exception):
@@ -56,10 +59,44 @@ class Applier:
         self._poll_control_maps()
         self._commit_planned(node.lora_loader)
         self._commit_planned(node.controlnet_loader)
+        batch: list[Update] = []
         for update in node.queue.drain():
-            if not node.tempo.hold(update):  # a quantized change waits for its beat (node/tempo.py)
-                self.apply_one(update)
+            if node.tempo.hold(update):  # a quantized change waits for its beat (node/tempo.py)
+                continue
+            if update.key in LIVE_KEYS:
+                batch.append(update)
+                continue
+            self.apply_live(batch)  # what arrived before it applies before it
+            batch = []
+            self.apply_one(update)
+        self.apply_live(batch)
         node.control_maps.sync(node.live().controlnets)
+
+    def apply_live(self, updates: list[Update]) -> None:
+        """Live-parameter updates (distinct keys: the queue keeps one per key) in one engine update:
+        one validation and one published state per frame however many faders move, which is what
+        keeps a storm of MIDI, DMX and LFO changes cheap (docs/tempo.md). When the engine refuses the
+        set, each is applied on its own, so every refusal is reported against its own update and
+        the others still apply (a pair the schema forbids together, like prompt and prompt_blend,
+        applies in arrival order: the later one replaces the earlier)."""
+        if len(updates) <= 1:
+            for update in updates:
+                self.apply_one(update)
+            return
+        node = self.node
+        engine = node.engine
+        assert engine is not None
+        try:
+            engine.update(**{update.key: update.value for update in updates})
+        except Exception:  # noqa: BLE001 - found out one by one below, each reported
+            for update in updates:
+                self.apply_one(update)
+            return
+        if node.switches.preset:
+            node.set_switches(preset="")  # the look is no longer the preset's
+        node.publish_live()  # before the reports: whoever hears of them reads the new state
+        for update in updates:
+            node.queue.report(update)
 
     def apply_one(self, update: Update) -> None:
         """Apply one update and report it (applied, or why not)."""

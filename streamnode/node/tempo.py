@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from streamnode.config import NodeConfig
@@ -34,6 +34,7 @@ from streamnode.tempo.clock import Clock, InternalClock, Position
 from streamnode.tempo.quantize import Quantizer, grid_beats
 
 if TYPE_CHECKING:
+    from streamnode.engine import Engine
     from streamnode.node.apply import Applier
     from streamnode.node.lifecycle import Node
 
@@ -162,6 +163,7 @@ class Tempo:
         engine = self.node.engine
         if engine is None:
             return False
+        plain: dict[int, tuple[str, Any]] = {}  # LFOs on plain parameters: one engine update for all
         changed = False
         for index, params in self.lfos.items():
             target = self._targets.get(index)
@@ -170,22 +172,49 @@ class Tempo:
             value = lfos.value(params, target, beat, seconds, salt=index)
             if self._driven.get(index) == value:
                 continue  # a square's flat half, an integer target between steps: nothing to do
-            try:
-                if target.index is None:
-                    engine.update(**{target.key: value})
-                elif target.key == "brush":
-                    engine.update(brush=(target.index, target.field, value))
-                else:  # lora weight: runtime mode only (a merged LoRA re-merges off-thread: not per frame)
-                    edit = (target.index, target.field, value)
-                    if engine.lora_heavy(edit):
-                        raise ValueError("a merged LoRA's weight cannot follow an LFO; use model.lora_mode runtime")
-                    engine.update(lora=edit)
+            if target.index is None:
+                plain[index] = (target.key, value)
+            elif self._drive_one(index, self._edit_indexed, engine, target, value):
                 self._driven[index] = value
                 changed = True
-            except Exception as e:  # noqa: BLE001 - a target that does not exist yet: logged, skipped
-                if (held := self._log_limit(f"lfo:{index}")) is not None:
-                    logger.warning("LFO %d cannot drive %s: %s%s", index, params.target, e, held_text(held))
+        if len(plain) > 1:
+            try:
+                engine.update(**dict(plain.values()))
+            except Exception:  # noqa: BLE001 - which one cannot: found out one by one below
+                pass
+            else:
+                self._driven.update({index: value for index, (_key, value) in plain.items()})
+                return True
+        for index, (key, value) in plain.items():
+            if self._drive_one(index, self._edit_plain, engine, key, value):
+                self._driven[index] = value
+                changed = True
         return changed
+
+    def _drive_one(self, index: int, drive: Callable[..., None], *args: Any) -> bool:
+        """Run one LFO's engine update; a target that does not exist yet is logged (rate-limited) and skipped."""
+        try:
+            drive(*args)
+        except Exception as e:  # noqa: BLE001 - a target that does not exist yet: logged, skipped
+            if (held := self._log_limit(f"lfo:{index}")) is not None:
+                logger.warning("LFO %d cannot drive %s: %s%s", index, self.lfos[index].target, e, held_text(held))
+            return False
+        return True
+
+    @staticmethod
+    def _edit_plain(engine: Engine, key: str, value: Any) -> None:
+        engine.update(**{key: value})
+
+    @staticmethod
+    def _edit_indexed(engine: Engine, target: NumericTarget, value: Any) -> None:
+        if target.key == "brush":
+            engine.update(brush=(target.index, target.field, value))
+            return
+        # lora weight: runtime mode only (a merged LoRA re-merges off-thread: not per frame)
+        edit = (target.index, target.field, value)
+        if engine.lora_heavy(edit):
+            raise ValueError("a merged LoRA's weight cannot follow an LFO; use model.lora_mode runtime")
+        engine.update(lora=edit)
 
     # -- the tempo's own updates (Applier.apply hands them here)
 
