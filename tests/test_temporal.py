@@ -17,6 +17,7 @@ from test_engine import SIZE, TOL, float_frames, make_engine, maxdiff, record_la
 from streamnode.diffusion.feature_bank import (
     FeatureBank,
     _BankedProcessor,
+    attention_bias,
     banked_attention,
     self_attention_layers,
 )
@@ -72,19 +73,21 @@ def test_banked_attention_attends_to_the_earlier_frames_tokens(attn1) -> None:  
         k_before, v_before, o_before = attn1.to_k(before), attn1.to_v(before), attn1.to_out[0](before)
         # Bank of 2 slots: `before` written, slot 1 never written (garbage that must not count).
         bank = tuple(torch.cat([x, attn1.to_k(never)], dim=1) for x in (k_before, v_before, o_before))
-        valid = torch.zeros(rows, 2 * tokens, dtype=torch.bool)
-        valid[:, :tokens] = True
-        out, (k, v, o) = banked_attention(attn1, now, bank, valid, fusion=0.0, threshold=1.0)
+        valid = torch.zeros(rows, 2, tokens, dtype=torch.bool)
+        valid[:, 0] = True
+        out, (k, v, o) = banked_attention(attn1, now, bank, attention_bias(valid, written=1), fusion=0.0, threshold=1.0)
         expected = attention_by_hand(attn1, now, torch.cat([now, before], dim=1))
         plain = attention_by_hand(attn1, now, now)
         assert maxdiff(out, expected) <= 1e-5
         assert maxdiff(out, plain) > 100 * 1e-5  # the bank really changes the attention
         assert maxdiff(k, attn1.to_k(now)) == 0.0 and maxdiff(o, out) == 0.0
-        # Validity is per row and token: row 0 forgets the first half of `before`, row 1 keeps it.
-        valid[0, : tokens // 2] = False
-        out, _ = banked_attention(attn1, now, bank, valid, fusion=0.0, threshold=1.0)
-        kept = attention_by_hand(attn1, now[:1], torch.cat([now[:1], before[:1, tokens // 2 :]], dim=1))
-        assert maxdiff(out[:1], kept) <= 1e-5 and maxdiff(out[1:], expected[1:]) <= 1e-5
+        # Validity is per row and token: row 0 forgets the first half of `before`, whose place the
+        # new frame's own tokens take (as if the bank held this frame there); row 1 keeps it all.
+        half = tokens // 2
+        valid[0, 0, :half] = False
+        out, _ = banked_attention(attn1, now, bank, attention_bias(valid, written=1), fusion=0.0, threshold=1.0)
+        stand_in = attention_by_hand(attn1, now[:1], torch.cat([now[:1], before[:1, half:], now[:1, :half]], dim=1))
+        assert maxdiff(out[:1], stand_in) <= 1e-5 and maxdiff(out[1:], expected[1:]) <= 1e-5
         assert maxdiff(out[:1], expected[:1]) > 100 * 1e-5
         # A bank holding this very frame changes nothing (duplicated keys keep the softmax weights).
         same = tuple(x.repeat(1, 2, 1) for x in (attn1.to_k(now), attn1.to_v(now), plain))
@@ -258,18 +261,20 @@ def test_the_bank_forgets_where_the_input_moved_and_keeps_the_rest(components) -
 
 
 def test_a_real_change_with_the_bank_on_is_fully_visible_within_t_plus_2_frames(components) -> None:  # noqa: ANN001
-    """The bank at its defaults (4 slots, every 4th frame, fusion 0.8): the output settles on a
-    real change as fast as T + 2 frames, as docs/temporal.md's goal says (it took 5–6 frames while
-    the old scene's features stayed in the bank)."""
+    """The bank at its defaults (4 slots, every 4th frame, fusion 0.8), the schedule and the change
+    of benchmarks/temporal.py (a white square of a quarter side): T + 2 frames after the change
+    enters, and from then on, the output is within 10 % of the change of where it settles (with
+    the old scene's features kept in the bank it was not: 13 % at T + 2, 11 % a frame later)."""
     steps = 2
-    engine = make_engine(components, steps=steps)
+    engine = make_engine(components, steps=steps, t_index_list=[32, 45])
     engine.prepare(prompt="a red fox", feature_bank=True)
-    before, after, change = scene()[0], with_patch(scene())[0], 16
+    square = (slice(SIZE // 4, SIZE // 2), slice(SIZE // 4, SIZE // 2))
+    before, after, change = scene()[0], with_patch(scene(), square)[0], 16
     outputs = [engine(before if i < change else after).float() for i in range(change + 20)]
     assert engine.feature_bank.filled == 4
     settled = torch.stack(outputs[-3:]).mean(0)
     total = float((settled - outputs[change - 1]).abs().mean())
-    assert total > 0.05  # the change shows in the output
+    assert total > 0.01  # the change shows in the output
     for i in range(change + steps + 2, len(outputs)):
         assert float((outputs[i] - settled).abs().mean()) <= 0.1 * total, i
     engine.close()
@@ -357,7 +362,7 @@ def test_the_banked_graph_fuses_as_the_eager_bank_does(components, banked_graph)
     features = []
     for kvo in bank.storage():
         k, v, o = (torch.randn(t.shape, generator=g) for t in kvo)
-        features += [torch.ones(k.shape[:2], dtype=torch.bool), k, v,
+        features += [torch.zeros(k.shape[0], k.shape[1] + k.shape[1] // 2), k, v,  # all valid: bias 0
                      torch.randn(1, 1, o.shape[-1], generator=g).expand_as(o).contiguous()]
     seam = (torch.randn(2, 4, SIZE // 8, SIZE // 8, generator=g), torch.tensor([600.0, 300.0]),
             torch.randn(2, 77, components.cross_attention_dim, generator=g))

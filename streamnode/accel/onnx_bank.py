@@ -4,7 +4,7 @@ A stateless engine cannot keep earlier frames' features, so the bank travels thr
 (diffusion/feature_bank.py, `BankedUNetStep`):
 
     inputs   sample, timestep, encoder_hidden_states, bank_fusion (), bank_threshold (),
-             then per banked layer i: bank_valid{i} (rows, M·N_i) bool,
+             then per banked layer i: bank_bias{i} (rows, (1 + M)·N_i), the attention's additive bias,
                                       bank_k{i}, bank_v{i}, bank_o{i}                    (rows, M·N_i, C_i)
     outputs  out_sample, then per layer: new_k{i}, new_v{i}, new_o{i}                    (rows, N_i, C_i)
 
@@ -51,8 +51,8 @@ def export_banked_unet(
         dtype, device = components.dtype, components.device
         features = [
             tensor
-            for kvo in bank.storage()
-            for tensor in (torch.ones(kvo[0].shape[:2], dtype=torch.bool, device=device),
+            for kvo, n in zip(bank.storage(), (layer.tokens(latent_hw) for layer in bank.layers), strict=True)
+            for tensor in (torch.zeros((rows, (1 + bank_size) * n), device=device, dtype=dtype),
                            *(torch.randn(t.shape, generator=gen).to(device, dtype) for t in kvo))
         ]
         inputs = (
@@ -108,12 +108,12 @@ class BankedGraphUnet:
     ) -> torch.Tensor:
         if added_cond is not None:
             raise ValueError("the banked UNet graph takes no added conditioning")
-        if any(layer is None for layer in bank.layers) or any(valid is None for valid in bank.valid):
+        if any(layer is None for layer in bank.layers) or any(bias is None for bias in bank.bias):
             raise ValueError("a stateless banked UNet needs every bank tensor (FeatureBank.call(full=True))")
         values: list[torch.Tensor] = [x, t.float(), emb, torch.tensor(float(bank.fusion)),
                                       torch.tensor(float(bank.threshold))]
-        for valid, kvo in zip(bank.valid, bank.layers, strict=True):
-            values += [valid, *kvo]  # type: ignore[misc]
+        for bias, kvo in zip(bank.bias, bank.layers, strict=True):
+            values += [bias, *kvo]  # type: ignore[misc]
         # np.require keeps 0-d arrays 0-d (fusion, threshold); ascontiguousarray would make them (1,).
         feeds = [np.require(v.detach().cpu().numpy(), requirements="C") for v in values]
         out = self._run(feeds)

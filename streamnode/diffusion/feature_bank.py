@@ -4,7 +4,7 @@ Each self-attention layer (`attn1` of every transformer block) of the UNet keeps
 of the stream batch, the keys, values and outputs of up to M earlier frames at the same stage:
 
     K' = [K ; K_bank],  V' = [V ; V_bank]                the N new tokens attend to (1 + M)·N tokens
-    O  = to_out(softmax(Q·K'ᵀ/√d)·V')
+    O  = to_out(softmax(Q·K'ᵀ/√d + B)·V')                B: the bank's additive bias (below)
     O ← O + w·(O_near − O),  w = fusion·[cos(O, O_near) ≥ threshold]
                                                          O_near: the banked output most similar to O
 
@@ -18,7 +18,12 @@ Validity is kept per row, slot and token: a slot not yet written is invalid, and
 is forgotten (made invalid in every slot of its row) where the input moved since it was written
 (`FeatureBank.forget`, from the motion map of the row's own frame, motion.py): a real change
 is not held back by the old scene's features, while still regions keep theirs. An invalid token
-is masked out (−inf before the softmax, never nearest), which is exactly as if it were not there.
+gets −inf in B (it is not attended to) and is never nearest. A forgotten token's place is taken
+by the new frame's own token at that position: B gives that token log(1 + f) (f: its forgotten
+copies in the row's written slots), which is exactly attending to f more copies of it, as if the
+bank had been written with the new frame there (`attention_bias`). Masking alone would leave the
+still tokens' banked copies weighing M + 1 times against a moved token's once, and the whole
+picture would drift for M·N frames while the bank refills (docs/temporal.md, measured).
 
 Off, nothing is installed: the UNet's own processors run (`FeatureBank.install` / `remove`).
 Installed but not armed (another engine sharing the UNet, or a call outside the stream), a
@@ -53,12 +58,12 @@ class BankIO:
     """The bank as the explicit tensors of one UNet call.
 
     layers: per banked layer, the bank rows of this call as (K, V, O), each (rows, M·N, C) with
-    slot s at tokens s·N … (s+1)·N, or None (an empty bank: plain attention). valid: per layer
-    the tokens that count, (rows, M·N) bool in the same order (None: all). recorded: filled by
-    the call with its own (K, V, O) per layer."""
+    slot s at tokens s·N … (s+1)·N, or None (an empty bank: plain attention). bias: per layer the
+    attention's additive bias (rows, (1 + M)·N), the new tokens first (`attention_bias`; None: 0).
+    recorded: filled by the call with its own (K, V, O) per layer."""
 
     layers: list[Features | None]
-    valid: list[torch.Tensor | None]
+    bias: list[torch.Tensor | None]
     fusion: float | torch.Tensor
     threshold: float | torch.Tensor
     recorded: list[Features | None] = field(default_factory=list)
@@ -109,14 +114,15 @@ def banked_attention(
     attn: Any,
     hidden: torch.Tensor,
     bank: Features | None,
-    valid: torch.Tensor | None,
+    bias: torch.Tensor | None,
     fusion: float | torch.Tensor,
     threshold: float | torch.Tensor,
 ) -> tuple[torch.Tensor, Features]:
     """One self-attention layer with a bank, on hidden (rows, N, C): (output, this call's (K, V, O)).
 
-    bank: (K, V, O) of earlier frames, each (rows, M·N, C), or None (plain attention). valid:
-    (rows, M·N) bool, the banked tokens that count (None: all). The recorded O is the one before
+    bank: (K, V, O) of earlier frames, each (rows, M·N, C), or None (plain attention). bias:
+    (rows, (1 + M)·N), added to the scores of the new then the banked keys; −inf on a banked key
+    also keeps it from fusion (`attention_bias`; None: 0). The recorded O is the one before
     fusion: a bank of fused outputs feeds on itself and holds an old scene longer (measured: a
     change took 9 frames instead of 6 to show with the bank written every frame). Diffusers'
     Attention module supplies the projections.
@@ -134,10 +140,8 @@ def banked_attention(
         keys, values = key, value
     else:
         keys, values = torch.cat([key, bank[0]], dim=1), torch.cat([value, bank[1]], dim=1)
-        if valid is not None:
-            # Invalid tokens get −inf before the softmax: exactly as if they were not there.
-            keep = torch.cat([torch.ones_like(valid[:, :tokens]), valid], dim=1)
-            mask = keep.view(rows, 1, 1, -1)
+        if bias is not None:
+            mask = bias.view(rows, 1, 1, -1)
     out = F.scaled_dot_product_attention(split(query), split(keys), split(values), attn_mask=mask)
     out = out.transpose(1, 2).reshape(rows, tokens, heads * head_dim).to(query.dtype)
     out = attn.to_out[1](attn.to_out[0](out))
@@ -146,13 +150,32 @@ def banked_attention(
         # Fusion: each token moves towards its most similar banked output when they already agree.
         banked_out = bank[2]
         sim = torch.matmul(F.normalize(out, dim=-1), F.normalize(banked_out, dim=-1).transpose(1, 2))
-        if valid is not None:
-            sim = sim.masked_fill(~valid.unsqueeze(1), -2.0)  # below any threshold (≥ 0): never nearest enough
+        if bias is not None:
+            # Invalid banked tokens: below any threshold (≥ 0), never nearest enough.
+            sim = sim.masked_fill(bias[:, tokens:].unsqueeze(1) < 0, -2.0)
         best, index = sim.max(dim=-1)
         nearest = torch.gather(banked_out, 1, index.unsqueeze(-1).expand(-1, -1, out.shape[-1]))
         weight = (best >= threshold).to(out.dtype).unsqueeze(-1) * fusion
         out = out + weight * (nearest - out)
     return out, (key, value, recorded)
+
+
+def attention_bias(valid: torch.Tensor, written: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention's additive bias of one layer's bank, (rows, (1 + M)·N), from its validity
+    (rows, M, N) bool and the number of slots written (the others are all invalid):
+
+        new token j:    log(1 + f_j)   f_j = written − valid slots at j: j stands in for its forgotten copies
+        banked token:   0 valid, −inf invalid
+
+    Into `out` when given (allocation-free: the bank refreshes its own after every change)."""
+    rows, slots, tokens = valid.shape
+    if out is None:
+        out = torch.empty((rows, (1 + slots) * tokens), device=valid.device)
+    new, banked = out[:, :tokens], out[:, tokens:]
+    torch.sum(valid, dim=1, dtype=out.dtype, out=new)
+    new.neg_().add_(written).log1p_()
+    banked.fill_(float("-inf")).masked_fill_(valid.view(rows, slots * tokens), 0.0)
+    return out
 
 
 class _BankedProcessor:
@@ -183,7 +206,7 @@ def _attend(attn: Any, hidden: torch.Tensor, io: BankIO, layer: int) -> torch.Te
         rows, channels, height, width = hidden.shape
         hidden = hidden.view(rows, channels, height * width).transpose(1, 2)
     residual = hidden
-    out, recorded = banked_attention(attn, hidden, io.layers[layer], io.valid[layer], io.fusion, io.threshold)
+    out, recorded = banked_attention(attn, hidden, io.layers[layer], io.bias[layer], io.fusion, io.threshold)
     io.recorded[layer] = recorded
     if attn.residual_connection:
         out = out + residual
@@ -195,8 +218,9 @@ def _attend(attn: Any, hidden: torch.Tensor, io: BankIO, layer: int) -> torch.Te
 class FeatureBank:
     """The bank of one engine: per attn1 layer and UNet row, M earlier frames' K, V and outputs.
 
-    Storage, allocated once per (rows, M): per layer K, V, O as (rows, M·N, C) and the tokens'
-    validity (rows, M·N) bool, with the buffers `forget` pools the motion into. The engine arms
+    Storage, allocated once per (rows, M): per layer K, V, O as (rows, M·N, C), the tokens'
+    validity (rows, M·N) bool and the attention bias it gives ((rows, (1 + M)·N), refreshed in
+    place), with the buffers `forget` pools the motion into. The engine arms
     it around its own UNet calls (`call`, which also gives stateless seams their `BankIO`), says
     which bank rows the call's rows are (None: all, the stream call) and whether to record, and
     commits a recorded call once its frame succeeded (`commit`): a failed frame leaves the bank
@@ -217,6 +241,7 @@ class FeatureBank:
         self._rows = 0
         self._storage: list[Features] = []
         self._valid: list[torch.Tensor] = []  # per layer (rows, M·N) bool: the tokens that count
+        self._bias: list[torch.Tensor] = []  # per layer (rows, (1 + M)·N): `attention_bias` of _valid
         self._padded: list[torch.Tensor] = []  # per level ≥ 1: (rows, 2h, 2w), the level above, zero-padded
         self._pooled: list[torch.Tensor] = []  # per level ≥ 1: (rows, h, w), the motion max-pooled to its tokens
         self._still: list[torch.Tensor] = []  # per level: (rows, h·w) bool, tokens whose area did not move
@@ -251,15 +276,19 @@ class FeatureBank:
                     if not processor.banks:
                         layer.module.set_processor(processor.original)
             self._installed = False
-        self._storage = []
+        self._free()
         self._rows = 0
+
+    def _free(self) -> None:
+        self._storage, self._valid, self._bias = [], [], []
+        self._padded, self._pooled, self._still = [], [], []
 
     def configure(self, *, size: int, fusion: float, threshold: float) -> None:
         """New settings; a new size empties the bank (its storage is sized by it)."""
         self.fusion, self.threshold = fusion, threshold
         if size != self.size:
             self.size = size
-            self._storage = []
+            self._free()
             self.reset()
 
     def reset(self, rows: int | None = None) -> None:
@@ -270,7 +299,7 @@ class FeatureBank:
     def _reset(self, rows: int | None) -> None:
         if rows is not None and rows != self._rows:
             self._rows = rows
-            self._storage = []
+            self._free()
         if not self._storage and self._rows:
             param = next(self._unet.parameters())
             rows, M = self._rows, self.size
@@ -283,6 +312,7 @@ class FeatureBank:
                 for layer, n in zip(self.layers, self._tokens, strict=True)
             ]
             self._valid = [zeros(rows, M * n, dtype=torch.bool) for n in self._tokens]
+            self._bias = [zeros(rows, (1 + M) * n) for n in self._tokens]
             self._padded = [zeros(rows, 2 * h, 2 * w) for h, w in self._grids[1:]]
             self._pooled = [zeros(rows, h, w) for h, w in self._grids[1:]]
             self._still = [zeros(rows, h * w, dtype=torch.bool) for h, w in self._grids]
@@ -291,6 +321,13 @@ class FeatureBank:
         self._pending = None
         self.filled = 0
         self._next = 0
+        self._refresh_bias()
+
+    def _refresh_bias(self) -> None:
+        if not self._storage:
+            return
+        for valid, bias, n in zip(self._valid, self._bias, self._tokens, strict=True):
+            attention_bias(valid.view(self._rows, self.size, n), self.filled, out=bias)
 
     def storage(self) -> list[Features]:
         """Per layer (K, V, O) of every row, (rows, M·N, C): the ring itself (tests, exports)."""
@@ -320,6 +357,7 @@ class FeatureBank:
             torch.le(level_map.flatten(1), threshold, out=still)
         for valid, layer, n in zip(self._valid, self.layers, self._tokens, strict=True):
             valid.view(rows, self.size, n).logical_and_(self._still[layer.level].unsqueeze(1))
+        self._refresh_bias()
 
     @contextmanager
     def call(self, select: torch.Tensor | None = None, *, record: bool = False, full: bool = False) -> Iterator[BankIO]:
@@ -335,14 +373,14 @@ class FeatureBank:
         slots = self.size if full else self.filled
         n_layers = len(self.layers)
         layers: list[Features | None] = [None] * n_layers
-        valid: list[torch.Tensor | None] = [None] * n_layers
+        bias: list[torch.Tensor | None] = [None] * n_layers
         if full or not empty:
-            for i, (kvo, keep, n) in enumerate(zip(self._storage, self._valid, self._tokens, strict=True)):
-                prefix = (*(t[:, : slots * n] for t in kvo), keep[:, : slots * n])
+            for i, (kvo, b, n) in enumerate(zip(self._storage, self._bias, self._tokens, strict=True)):
+                prefix = (*(t[:, : slots * n] for t in kvo), b[:, : (1 + slots) * n])
                 if select is not None:
                     prefix = tuple(t.index_select(0, select) for t in prefix)
-                layers[i], valid[i] = prefix[:3], prefix[3]  # type: ignore[assignment]
-        io = BankIO(layers, valid, self.fusion, self.threshold, recorded=[None] * n_layers)
+                layers[i], bias[i] = prefix[:3], prefix[3]  # type: ignore[assignment]
+        io = BankIO(layers, bias, self.fusion, self.threshold, recorded=[None] * n_layers)
         self.io = io
         try:
             yield io
@@ -365,6 +403,7 @@ class FeatureBank:
             valid[:, slot * tokens : (slot + 1) * tokens] = True
         self._next = (slot + 1) % self.size
         self.filled = min(self.filled + 1, self.size)
+        self._refresh_bias()
 
     def discard(self) -> None:
         """Forget a recorded call whose frame failed."""
@@ -375,9 +414,9 @@ class BankedUNetStep(torch.nn.Module):
     """The UNet with the bank as explicit inputs and outputs, for export (the graph holds no state):
 
         (sample, timestep, encoder_hidden_states, fusion (), threshold (),
-         valid_0, K_0, V_0, O_0, valid_1, …)  →  (ε, K_0', V_0', O_0', K_1', …)
+         B_0, K_0, V_0, O_0, B_1, …)  →  (ε, K_0', V_0', O_0', K_1', …)
 
-    valid_i: layer i's banked tokens that count (rows, M·N_i) bool; K_i, V_i, O_i: its bank rows
+    B_i: layer i's attention bias (rows, (1 + M)·N_i) (`attention_bias`); K_i, V_i, O_i: its bank rows
     (rows, M·N_i, C_i); the outputs: this call's (rows, N_i, C_i). The bank's processors must be
     installed (`FeatureBank.install`)."""
 
@@ -394,8 +433,8 @@ class BankedUNetStep(torch.nn.Module):
         layers: list[Features | None] = [
             (features[4 * i + 1], features[4 * i + 2], features[4 * i + 3]) for i in range(n)
         ]
-        valid: list[torch.Tensor | None] = [features[4 * i] for i in range(n)]
-        io = BankIO(layers, valid, fusion, threshold, recorded=[None] * n)
+        bias: list[torch.Tensor | None] = [features[4 * i] for i in range(n)]
+        io = BankIO(layers, bias, fusion, threshold, recorded=[None] * n)
         self._bank.io = io
         try:
             eps = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
@@ -409,6 +448,6 @@ def bank_io_names(layers: Sequence[BankLayer]) -> tuple[tuple[str, ...], tuple[s
     inputs = ["bank_fusion", "bank_threshold"]
     outputs = []
     for i in range(len(layers)):
-        inputs += [f"bank_valid{i}", f"bank_k{i}", f"bank_v{i}", f"bank_o{i}"]
+        inputs += [f"bank_bias{i}", f"bank_k{i}", f"bank_v{i}", f"bank_o{i}"]
         outputs += [f"new_k{i}", f"new_v{i}", f"new_o{i}"]
     return tuple(inputs), tuple(outputs)
