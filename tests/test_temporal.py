@@ -260,6 +260,24 @@ def test_the_bank_forgets_where_the_input_moved_and_keeps_the_rest(components) -
     engine.close()
 
 
+def test_the_input_motion_is_computed_only_while_the_bank_or_motion_aware_smoothing_is_on(components) -> None:  # noqa: ANN001
+    engine = make_engine(components)
+    engine.prepare(prompt="a red fox")
+    observed = []
+    observe = engine._motion.observe
+    engine._motion.observe = lambda image: (observed.append(len(observed)), observe(image))  # type: ignore[method-assign]
+    frame = scene()[0]
+    steps = [{}, {"smoothing": 0.5, "smoothing_motion": False}, {"smoothing_motion": True},
+             {"smoothing": 0.0, "feature_bank": True}, {"feature_bank": False}]
+    counts = []
+    for change in steps:
+        engine.update(**change)
+        engine(frame)
+        counts.append(len(observed))
+    assert counts == [0, 0, 1, 2, 2]  # both off: nothing; the bank alone needs it too
+    engine.close()
+
+
 def test_a_real_change_with_the_bank_on_is_fully_visible_within_t_plus_2_frames(components) -> None:  # noqa: ANN001
     """The bank at its defaults (4 slots, every 4th frame, fusion 0.8), the schedule and the change
     of benchmarks/temporal.py (a white square of a quarter side): T + 2 frames after the change

@@ -162,19 +162,22 @@ def banked_attention(
 
 def attention_bias(valid: torch.Tensor, written: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """The attention's additive bias of one layer's bank, (rows, (1 + M)·N), from its validity
-    (rows, M, N) bool and the number of slots written (the others are all invalid):
+    (rows, M, N), 1 (or True) where a banked token counts, and the number of slots written (the
+    others are all invalid):
 
         new token j:    log(1 + f_j)   f_j = written − valid slots at j: j stands in for its forgotten copies
-        banked token:   0 valid, −inf invalid
+        banked token:   log(valid)     0 valid, −inf invalid
 
-    Into `out` when given (allocation-free: the bank refreshes its own after every change)."""
+    Into `out` when given; with a validity already in out's dtype (the bank's own) it allocates
+    nothing (the bank refreshes its bias after every change)."""
     rows, slots, tokens = valid.shape
     if out is None:
         out = torch.empty((rows, (1 + slots) * tokens), device=valid.device)
+    valid = valid.to(out.dtype)
     new, banked = out[:, :tokens], out[:, tokens:]
-    torch.sum(valid, dim=1, dtype=out.dtype, out=new)
+    torch.sum(valid, dim=1, out=new)
     new.neg_().add_(written).log1p_()
-    banked.fill_(float("-inf")).masked_fill_(valid.view(rows, slots * tokens), 0.0)
+    torch.log(valid.view(rows, slots * tokens), out=banked)
     return out
 
 
@@ -219,7 +222,7 @@ class FeatureBank:
     """The bank of one engine: per attn1 layer and UNet row, M earlier frames' K, V and outputs.
 
     Storage, allocated once per (rows, M): per layer K, V, O as (rows, M·N, C), the tokens'
-    validity (rows, M·N) bool and the attention bias it gives ((rows, (1 + M)·N), refreshed in
+    validity (rows, M·N), 1 or 0 in the UNet's dtype, and the attention bias it gives ((rows, (1 + M)·N), refreshed in
     place), with the buffers `forget` pools the motion into. The engine arms
     it around its own UNet calls (`call`, which also gives stateless seams their `BankIO`), says
     which bank rows the call's rows are (None: all, the stream call) and whether to record, and
@@ -240,11 +243,11 @@ class FeatureBank:
         self.io: BankIO | None = None  # set while armed
         self._rows = 0
         self._storage: list[Features] = []
-        self._valid: list[torch.Tensor] = []  # per layer (rows, M·N) bool: the tokens that count
+        self._valid: list[torch.Tensor] = []  # per layer (rows, M·N): 1 where a token counts, else 0
         self._bias: list[torch.Tensor] = []  # per layer (rows, (1 + M)·N): `attention_bias` of _valid
         self._padded: list[torch.Tensor] = []  # per level ≥ 1: (rows, 2h, 2w), the level above, zero-padded
         self._pooled: list[torch.Tensor] = []  # per level ≥ 1: (rows, h, w), the motion max-pooled to its tokens
-        self._still: list[torch.Tensor] = []  # per level: (rows, h·w) bool, tokens whose area did not move
+        self._still: list[torch.Tensor] = []  # per level: (rows, h·w), 1 where a token's area did not move
         self._pending: list[Features | None] | None = None
         self.filled = 0
         self._next = 0
@@ -311,11 +314,13 @@ class FeatureBank:
                 (zeros(rows, M * n, layer.channels), zeros(rows, M * n, layer.channels), zeros(rows, M * n, layer.channels))
                 for layer, n in zip(self.layers, self._tokens, strict=True)
             ]
-            self._valid = [zeros(rows, M * n, dtype=torch.bool) for n in self._tokens]
+            # 0/1 in the UNet's dtype, not bool: forgetting is a product, the bias a sum and a log
+            # (no conversion, so no allocation per frame).
+            self._valid = [zeros(rows, M * n) for n in self._tokens]
             self._bias = [zeros(rows, (1 + M) * n) for n in self._tokens]
             self._padded = [zeros(rows, 2 * h, 2 * w) for h, w in self._grids[1:]]
             self._pooled = [zeros(rows, h, w) for h, w in self._grids[1:]]
-            self._still = [zeros(rows, h * w, dtype=torch.bool) for h, w in self._grids]
+            self._still = [zeros(rows, h * w) for h, w in self._grids]
         for valid in self._valid:
             valid.zero_()
         self._pending = None
@@ -334,8 +339,8 @@ class FeatureBank:
         return self._storage
 
     def validity(self) -> list[torch.Tensor]:
-        """Per layer (rows, M, N) bool: the tokens that count, per row and slot (views of the ring's)."""
-        return [valid.view(self._rows, self.size, n) for valid, n in zip(self._valid, self._tokens, strict=True)]
+        """Per layer (rows, M, N) bool: the tokens that count, per row and slot (a copy)."""
+        return [valid.view(self._rows, self.size, n) > 0 for valid, n in zip(self._valid, self._tokens, strict=True)]
 
     def forget(self, motion: torch.Tensor, threshold: float = MOTION_HIGH) -> None:
         """Forget, in every slot, the tokens whose area moved: motion (rows, 1, h, w) is each bank
@@ -356,7 +361,7 @@ class FeatureBank:
         for level_map, still in zip(maps, self._still, strict=True):
             torch.le(level_map.flatten(1), threshold, out=still)
         for valid, layer, n in zip(self._valid, self.layers, self._tokens, strict=True):
-            valid.view(rows, self.size, n).logical_and_(self._still[layer.level].unsqueeze(1))
+            valid.view(rows, self.size, n).mul_(self._still[layer.level].unsqueeze(1))
         self._refresh_bias()
 
     @contextmanager
@@ -400,7 +405,7 @@ class FeatureBank:
             tokens = recorded[0].shape[1]
             for ring, new in zip(stored, recorded, strict=True):
                 ring[:, slot * tokens : (slot + 1) * tokens] = new
-            valid[:, slot * tokens : (slot + 1) * tokens] = True
+            valid[:, slot * tokens : (slot + 1) * tokens] = 1.0
         self._next = (slot + 1) % self.size
         self.filled = min(self.filled + 1, self.size)
         self._refresh_bias()

@@ -59,10 +59,6 @@ class InputMotion:
         """A new stream, or calls went by unobserved: the next frame has no earlier one (costs nothing)."""
         self._calls = 0
 
-    @property
-    def observed(self) -> bool:
-        return self._calls > 0
-
     def observe(self, image: torch.Tensor) -> None:
         """This call's input frames (F, 3, H, W) in [-1, 1]: their maps become stage 0's."""
         T = self._steps
