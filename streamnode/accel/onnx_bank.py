@@ -3,8 +3,9 @@
 A stateless engine cannot keep earlier frames' features, so the bank travels through the graph
 (diffusion/feature_bank.py, `BankedUNetStep`):
 
-    inputs   sample, timestep, encoder_hidden_states, bank_valid (M,) bool, bank_fusion (),
-             bank_threshold (), then per banked layer i: bank_k{i}, bank_v{i}, bank_o{i}  (rows, M·N_i, C_i)
+    inputs   sample, timestep, encoder_hidden_states, bank_fusion (), bank_threshold (),
+             then per banked layer i: bank_bias{i} (rows, (1 + M)·N_i), the attention's additive bias,
+                                      bank_k{i}, bank_v{i}, bank_o{i}                    (rows, M·N_i, C_i)
     outputs  out_sample, then per layer: new_k{i}, new_v{i}, new_o{i}                    (rows, N_i, C_i)
 
 The engine keeps the ring and writes the new features into it after the frame; the graph holds
@@ -48,12 +49,16 @@ def export_banked_unet(
         module = BankedUNetStep(components.unet, bank).eval()
         gen = torch.Generator("cpu").manual_seed(0)
         dtype, device = components.dtype, components.device
-        features = [torch.randn(t.shape, generator=gen).to(device, dtype) for kvo in bank.storage() for t in kvo]
+        features = [
+            tensor
+            for kvo, n in zip(bank.storage(), (layer.tokens(latent_hw) for layer in bank.layers), strict=True)
+            for tensor in (torch.zeros((rows, (1 + bank_size) * n), device=device, dtype=dtype),
+                           *(torch.randn(t.shape, generator=gen).to(device, dtype) for t in kvo))
+        ]
         inputs = (
             torch.randn(rows, 4, *latent_hw, generator=gen).to(device, dtype),
             torch.full((rows,), 500.0).to(device),
             torch.randn(rows, components.model_max_length, components.cross_attention_dim, generator=gen).to(device, dtype),
-            torch.ones(bank_size, dtype=torch.bool, device=device),
             torch.tensor(0.8, device=device, dtype=dtype),
             torch.tensor(0.98, device=device, dtype=dtype),
             *features,
@@ -103,11 +108,12 @@ class BankedGraphUnet:
     ) -> torch.Tensor:
         if added_cond is not None:
             raise ValueError("the banked UNet graph takes no added conditioning")
-        if bank.valid is None or any(layer is None for layer in bank.layers):
+        if any(layer is None for layer in bank.layers) or any(bias is None for bias in bank.bias):
             raise ValueError("a stateless banked UNet needs every bank tensor (FeatureBank.call(full=True))")
-        values: list[torch.Tensor] = [x, t.float(), emb, bank.valid, torch.tensor(float(bank.fusion)),
+        values: list[torch.Tensor] = [x, t.float(), emb, torch.tensor(float(bank.fusion)),
                                       torch.tensor(float(bank.threshold))]
-        values += [tensor for kvo in bank.layers for tensor in kvo]  # type: ignore[union-attr]
+        for bias, kvo in zip(bank.bias, bank.layers, strict=True):
+            values += [bias, *kvo]  # type: ignore[misc]
         # np.require keeps 0-d arrays 0-d (fusion, threshold); ascontiguousarray would make them (1,).
         feeds = [np.require(v.detach().cpu().numpy(), requirements="C") for v in values]
         out = self._run(feeds)

@@ -56,6 +56,7 @@ from streamnode.diffusion.conditioning import AddedCond
 from streamnode.diffusion.controlnet import Control, ControlPlan, ControlStack
 from streamnode.diffusion.feature_bank import FeatureBank
 from streamnode.diffusion.lora import LoraPlan, LoraStack, StalePlan
+from streamnode.diffusion.motion import InputMotion
 from streamnode.diffusion.prompts import PromptCache, blend_embeddings
 from streamnode.diffusion.regions import Regions
 from streamnode.diffusion.schedule import LcmSchedule
@@ -267,11 +268,13 @@ class StreamEngine:
         self._resid_prev: torch.Tensor | None = None
         self._last_image: torch.Tensor | None = None
         # Temporal consistency (docs/temporal.md): the feature bank exists (its processors on the
-        # UNet) only while it is on; the smoother's buffers are small and always there.
+        # UNet) only while it is on; the smoother's and the input motion's buffers are small and
+        # always there (the motion is computed only while the bank or motion-aware smoothing is on).
         self._bank: FeatureBank | None = None
         self._bank_fallback_logged = False
         self._bank_tick = 0  # processed calls since the stream (re)started: every interval-th records
         self._smoother = OutputSmoother(self.latent_shape, self.frame_buffer_size, device=self.device, dtype=self.dtype)
+        self._motion = InputMotion(self.latent_shape[1:], self.frame_buffer_size, device=self.device, dtype=self.dtype)
         self.prepare()
 
     # -- construction ----------------------------------------------------------------------
@@ -439,6 +442,7 @@ class StreamEngine:
         if self._bank is not None:
             self._bank.reset()
         self._smoother.reset()
+        self._motion.reset()
 
     def update(self, **kwargs: Any) -> None:
         """Apply live parameters between frames; all are validated before any is applied.
@@ -562,7 +566,8 @@ class StreamEngine:
             )
             if not self._bank.storage():
                 self._bank.reset(rows=self.batch_rows)  # switched on: storage for the rows in force
-        self._smoother.configure(strength=params.smoothing, motion_aware=params.smoothing_motion, steps=params.steps)
+        self._smoother.configure(strength=params.smoothing, motion_aware=params.smoothing_motion)
+        self._motion.configure(steps=params.steps)
 
     def _set_bank(self, bank: FeatureBank | None) -> None:
         if self._bank is not None and self._bank is not bank:
@@ -721,6 +726,9 @@ class StreamEngine:
         # The stage of every row (the ControlNets' guidance range is a range of stages).
         stage_rows = torch.arange(self.steps, device=self.device).repeat_interleave(F * P)
         self._unet_stage = torch.cat([stage_rows[:n_neg], stage_rows])
+        # The stream position k·F + f of every row: the input motion its bank row forgets by.
+        positions = torch.arange(B, device=self.device).repeat_interleave(P)
+        self._row_positions = torch.cat([positions[:n_neg], positions])
         if getattr(self, "_unet_in", None) is None or self._unet_in.shape[0] != rows:
             self._unet_in = torch.zeros((rows, *self.latent_shape), device=self.device, dtype=self.dtype)
             self._unet_emb: torch.Tensor | None = None
@@ -981,7 +989,7 @@ class StreamEngine:
         return self._postprocess(last, kind)
 
     def _process(self, image: torch.Tensor) -> torch.Tensor:
-        """Steps 2–7 of a processed frame; on failure the filter forgets it and nothing is committed."""
+        """Steps 2–9 of a processed frame; on failure the filter forgets it and nothing is committed."""
         F = self.frame_buffer_size
         try:
             # 2. Encode: z = s·E(I); the ControlNet maps of the new frames.
@@ -991,17 +999,26 @@ class StreamEngine:
             x_new = self.renoise(z, slice(0, F))
             # 4. This frame's prompt embeddings (a prompt transition steps here).
             emb = self._frame_embeddings()
-            # 5. Cold stream: fill it from this frame (T − 1 silent steps, once).
+            # 5. The input's motion, kept while its frames are in the stream (only while the bank
+            #    or motion-aware smoothing is on): the bank forgets, in each row, the tokens whose
+            #    area moved in that row's frame (stage k's frame entered k calls ago).
+            if self._bank is not None or self._smoother.wants_motion:
+                self._motion.observe(image)
+                if self._bank is not None:
+                    self._bank.forget(self._motion.of_rows(self._row_positions))
+            else:
+                self._motion.reset()
+            # 6. Cold stream: fill it from this frame (T − 1 silent steps, once).
             if self._cold:
                 self._warm_fill(x_new, z)
-            # 6. One stream-batch step → x0 of the frames that leave (the bank records every
+            # 7. One stream-batch step → x0 of the frames that leave (the bank records every
             #    interval-th processed call).
             x0 = self._stream_step(x_new, record=self._bank_records())
-            # 7. Smoothing (when on): blend with the last output where the input stood still.
+            # 8. Smoothing (when on): blend with the last output where the leaving frames' input
+            #    stood still.
             if self._smoother.active:
-                self._smoother.observe(image)
-                x0 = self._smoother(x0, with_input=True)
-            # 8. Decode.
+                x0 = self._smoother(x0, motion=self._motion.of_stage(self.steps - 1))
+            # 9. Decode.
             image_out = self._decode(x0)
         except BaseException:
             self._filter.reset()
@@ -1032,7 +1049,8 @@ class StreamEngine:
                 self._warm_fill(x_new, torch.zeros_like(x_new))
             x0 = self._stream_step(x_new, record=self._bank_records())
             if self._smoother.active:
-                x0 = self._smoother(x0, with_input=False)
+                x0 = self._smoother(x0, motion=None)  # no input: α everywhere
+            self._motion.reset()  # the next input frame has no earlier one to move from
             image = self._decode(x0)
             self._end_frame(emb, image)
         return self._postprocess(image, kind)
