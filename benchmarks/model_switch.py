@@ -41,6 +41,7 @@ from streamnode.diffusion.tiny import ensure_tiny_model  # noqa: E402
 from streamnode.engine import Engine  # noqa: E402
 from streamnode.node import Node, build_engine  # noqa: E402
 
+ACCEL = os.environ.get("SN_ACCEL", "eager")
 READER = textwrap.dedent("""
     import sys, time
     from streamnode.io.shm import ShmSource
@@ -98,7 +99,7 @@ def measure(size: int, before_s: float, after_s: float) -> dict[str, Any]:
     segment = f"sn_switch{uuid.uuid4().hex[:6]}"
     cfg = load_config(preset="demo", overrides={
         "sinks": [f"shm://{segment}"], "stream.width": size, "stream.height": size, "runtime.duration": None,
-        "osc.enabled": True, "osc.port": 0, "osc.allow_model_switch": True, "model.accel": "eager",
+        "osc.enabled": True, "osc.port": 0, "osc.allow_model_switch": True, "model.accel": ACCEL,
     })
     timed = TimedEngines()
     node = Node(cfg, engine_factory=timed)
@@ -128,11 +129,15 @@ def measure(size: int, before_s: float, after_s: float) -> dict[str, Any]:
     stamps = [float(line) for line in reader.stdout.read().split()] if reader is not None else []  # type: ignore[union-attr]
 
     def longest_gap(t0: float, t1: float) -> float:
+        return widest(t0, t1)[0]
+
+    def widest(t0: float, t1: float) -> tuple[float, float]:
+        """The longest gap between two frames read in [t0, t1], and when it began."""
         inside = [t for t in stamps if t0 <= t <= t1]
-        return max((b - a for a, b in zip(inside, inside[1:], strict=False)), default=float("nan"))
+        return max(((b - a, a) for a, b in zip(inside, inside[1:], strict=False)), default=(float("nan"), t0))
 
     calls_before = [s for end, s in timed.calls if t_request - before_s <= end <= t_request]
-    switch_gap = longest_gap(t_request, t_swap + 2.0)
+    switch_gap, gap_start = widest(t_request, t_swap + 2.0)
     slowest = max(calls_before)
     return {
         "size": size,
@@ -144,6 +149,7 @@ def measure(size: int, before_s: float, after_s: float) -> dict[str, Any]:
         "longest_gap_before_ms": round(longest_gap(t_request - before_s + 1.0, t_request) * 1e3, 1),
         "longest_gap_during_switch_ms": round(switch_gap * 1e3, 1),
         "gap_over_slowest_call": round(switch_gap / slowest, 2),
+        "gap_began_after_request_s": round(gap_start - t_request, 3),
         "ok": switch_gap <= slowest,
     }
 

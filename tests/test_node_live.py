@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -60,9 +60,10 @@ class SlowLoads:
     """The node's engine factory, taking `seconds` longer for every engine after the first;
     records the engines it built and whether each was closed."""
 
-    def __init__(self, components: Any, seconds: float) -> None:
+    def __init__(self, components: Any, seconds: float, wait: Callable[[float], None] = time.sleep) -> None:
         self.build = tiny_factory(components)
         self.seconds = seconds
+        self.wait = wait
         self.engines: list[Any] = []
         self.closed: list[Any] = []
         self.load_started = threading.Event()
@@ -70,7 +71,7 @@ class SlowLoads:
     def __call__(self, config: Any) -> Any:
         if self.engines:
             self.load_started.set()
-            time.sleep(self.seconds)
+            self.wait(self.seconds)
         engine = self.build(config)
         close = engine.close
 
@@ -111,6 +112,40 @@ def test_frames_keep_flowing_while_a_new_model_loads(components, tiny_model_path
     assert closed_by_the_switch == [old]  # the loser closed at the swap, the winner serving
     assert factory.closed == [old, new]  # and the winner when the node stopped
     assert node.status()["loading_model"] is None
+
+
+def busy(seconds: float) -> None:
+    """Keep the interpreter busy for `seconds`, as building modules and reading configs does."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        sum(i * i for i in range(200))
+
+
+def test_a_load_busy_in_python_leaves_the_engine_its_frames(components, tiny_model_path) -> None:  # noqa: ANN001
+    """The interpreter is shared: a loader that never lets go of it (a 5 ms switch interval per
+    engine op) cut the output to a trickle; the loader yields it, so frames keep their pace."""
+    factory = SlowLoads(components, seconds=2.0, wait=busy)
+    node = Node(small_config(**{"sinks": ["clock://"], "osc.allow_model_switch": True,
+                                "source.uri": "test://bars?fps=200"}), engine_factory=factory)
+    node.start()
+    try:
+        sink = Clock.instances[-1]
+        wait_for(lambda: node.status()["state"] == "streaming" and len(sink.times) > 10, 30, "streaming")
+        time.sleep(1.0)
+        t_before = time.monotonic()
+        time.sleep(1.5)
+        node.queue.put(Update("model", str(tiny_model_path), origin="test"))
+        assert factory.load_started.wait(10)
+        t_load = time.monotonic()
+        wait_for(lambda: node.config.model.id == str(tiny_model_path), 30, "the switch")
+        t_swap = time.monotonic()
+    finally:
+        node.stop()
+    rate_before = len([t for t in sink.times if t_before <= t < t_before + 1.5]) / 1.5
+    busy_end = t_load + 2.0
+    rate_during = len([t for t in sink.times if t_load <= t < busy_end]) / 2.0
+    assert t_swap >= busy_end
+    assert rate_during >= 0.5 * rate_before, (rate_during, rate_before)
 
 
 def test_the_snapshot_in_force_reaches_the_new_engine_including_changes_during_the_load(
