@@ -24,6 +24,7 @@ from typing import Any
 
 from streamnode.control.updates import Update
 from streamnode.engine import Engine
+from streamnode.node.interpreter_share import sharing_the_interpreter
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,8 @@ class LoraLoader:
                 self._working = True
             try:
                 prepare = job.engine.prepare_lora if self.group == "lora" else job.engine.prepare_controlnet
-                result = Planned(job, plan=prepare(job.edit))
+                with sharing_the_interpreter():  # reading a file, building a net: mostly Python
+                    result = Planned(job, plan=prepare(job.edit))
             except Exception as e:  # noqa: BLE001 - a bad LoRA or ControlNet is reported, never fatal
                 logger.debug("%s edit %s failed to plan", self.group, job.edit, exc_info=True)
                 result = Planned(job, error=str(e) or type(e).__name__)

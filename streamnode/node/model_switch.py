@@ -6,21 +6,16 @@ request was made (parameters, brushes, their order and masks), and warms it with
 recent input frame (the stream fill, lazy kernels, compiled graphs), so its first call on the
 engine thread costs no more than any other. The engine thread then takes the result at a frame
 boundary (`take()`), brings it up to date with whatever changed during the load, and swaps
-(node/engine_loop.py). One load at a time: a newer request supersedes a pending one, and an
-engine nobody will use is closed.
+(node/engine_loop.py). The loader shares the interpreter with the engine thread
+(node/interpreter_share.py), so a load slows the load, not the picture. One load at a time: a
+newer request supersedes a pending one, and an engine nobody will use is closed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import sys
 import threading
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from types import FrameType
-from typing import Any
 
 import numpy as np
 
@@ -29,43 +24,9 @@ from streamnode.control.updates import Update
 from streamnode.engine import Engine
 from streamnode.live_params import LiveState
 from streamnode.node.build import EngineFactory
+from streamnode.node.interpreter_share import sharing_the_interpreter
 
 logger = logging.getLogger(__name__)
-
-SHARE_QUANTUM_S = 0.0005
-SHARE_REST_S = 0.002
-"""While loading, the loader gives the interpreter away for REST after every QUANTUM it ran: the
-engine thread keeps most of it (see `sharing_the_interpreter`)."""
-
-
-@contextlib.contextmanager
-def sharing_the_interpreter(quantum: float = SHARE_QUANTUM_S, rest: float = SHARE_REST_S) -> Iterator[None]:
-    """Make this thread (a background load) leave the interpreter to the others at a steady rate.
-
-    A model load is mostly Python (building modules, reading configs), and an eager engine call
-    needs the interpreter between its torch ops. CPython hands the interpreter lock to a waiting
-    thread only after its switch interval (5 ms): a thread busy in Python beside the engine made
-    each tiny-model call 14-22x slower (2.2-2.8 s instead of 0.12-0.16 s, measured on 2 cores).
-    A per-thread profile hook (`sys.setprofile` acts on the calling thread only) sleeps `rest`
-    after each `quantum` of this thread's time, and a sleep releases the lock at once: with
-    0.5 ms / 2 ms the same call took 1.1-1.3x its time. The load takes longer; the picture keeps
-    its pace (docs/architecture.md, "Model switch").
-    """
-    previous = sys.getprofile()
-    last = time.perf_counter()
-
-    def hook(frame: FrameType, event: str, arg: Any) -> None:
-        nonlocal last
-        now = time.perf_counter()
-        if now - last >= quantum:
-            time.sleep(rest)
-            last = time.perf_counter()
-
-    sys.setprofile(hook)
-    try:
-        yield
-    finally:
-        sys.setprofile(previous)
 
 
 @dataclass
