@@ -42,7 +42,7 @@ from streamnode.control.updates import Update  # noqa: E402
 from streamnode.io import base  # noqa: E402
 from streamnode.node import Node  # noqa: E402
 from streamnode.tempo.clock import InternalClock  # noqa: E402
-from streamnode.tempo.midi_ports import POLL_S as MIDI_POLL_S  # noqa: E402
+from streamnode.tempo.midi_ports import CONTROL_POLL_S as MIDI_POLL_S  # noqa: E402
 
 
 class Stamps:

@@ -46,7 +46,7 @@ class Surfaces:
         if c.midi.port:
             path = Path(c.midi.mapping).expanduser() if c.midi.mapping else default_mapping_path()
             self.midi = MidiMapper(self.queue, self.limits, path, live=self.live)
-            self._workers.append((f"midi:{c.midi.port}", self._reader(c.midi.port, self.midi.handle)))
+            self._workers.append((f"midi:{c.midi.port}", self._reader(c.midi.port, self.midi.handle, control=True)))
         if c.tempo.source == "midi" and c.tempo.midi_clock_port:
             from streamnode.tempo.midi_clock import MidiClock, feed_message
 
@@ -61,11 +61,11 @@ class Surfaces:
             self._workers.append(("artnet-recv", self.artnet.run))
 
     @staticmethod
-    def _reader(port: str, on_message: Callable[[Any], None]) -> Worker:
+    def _reader(port: str, on_message: Callable[[Any], None], *, control: bool = False) -> Worker:
         def work(stop: threading.Event) -> None:
-            from streamnode.tempo.midi_ports import read_port
+            from streamnode.tempo.midi_ports import CONTROL_POLL_S, POLL_S, read_port
 
-            read_port(port, stop, on_message)
+            read_port(port, stop, on_message, CONTROL_POLL_S if control else POLL_S)
 
         return work
 

@@ -19,6 +19,10 @@ from streamnode.log_limit import LogLimiter, held_text
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.005  # a port is polled: mido's blocking iterator cannot see the stop Event
+CONTROL_POLL_S = 0.01
+"""A control surface's port is polled less often than a clock's: a knob's value waits at most
+10 ms (under a frame), and every wake costs the engine thread too; MIDI clock ticks are
+timestamped when read, so a clock port keeps POLL_S."""
 _BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 _PRESENT_CHECK_S = 1.0  # while a port is quiet, how often to check it is still there
 
@@ -56,9 +60,10 @@ def resolve(name: str, names: list[str]) -> str:
     raise ValueError(f"no single MIDI input matches {name!r} (inputs: {listed})")
 
 
-def read_port(name: str, stop: threading.Event, on_message: Callable[[Any], None]) -> None:
-    """Until `stop`: open `name`, pass each message to `on_message`; on any failure close, log
-    once per outage, wait (backoff) and open again."""
+def read_port(name: str, stop: threading.Event, on_message: Callable[[Any], None], poll_s: float = POLL_S) -> None:
+    """Until `stop`: open `name`, pass each message to `on_message`, looking for new ones every
+    `poll_s` while none came; on any failure close, log once per outage, wait (backoff) and open
+    again."""
     mido = _mido()
     limit = LogLimiter()
     failures = 0
@@ -77,7 +82,7 @@ def read_port(name: str, stop: threading.Event, on_message: Callable[[Any], None
                     drained = True
                     on_message(message)
                 if not drained:
-                    stop.wait(POLL_S)
+                    stop.wait(poll_s)
                     # An unplugged port may fall silent rather than fail a read: look for it.
                     if time.monotonic() >= next_check:
                         next_check = time.monotonic() + _PRESENT_CHECK_S
