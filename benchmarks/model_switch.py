@@ -41,7 +41,6 @@ from streamnode.diffusion.tiny import ensure_tiny_model  # noqa: E402
 from streamnode.engine import Engine  # noqa: E402
 from streamnode.node import Node, build_engine  # noqa: E402
 
-ACCEL = os.environ.get("SN_ACCEL", "eager")
 READER = textwrap.dedent("""
     import sys, time
     from streamnode.io.shm import ShmSource
@@ -94,12 +93,12 @@ class _Timed:
         return getattr(self._engine, name)
 
 
-def measure(size: int, before_s: float, after_s: float) -> dict[str, Any]:
+def measure(size: int, before_s: float, after_s: float, accel: str = "eager") -> dict[str, Any]:
     folder = str(ensure_tiny_model())
     segment = f"sn_switch{uuid.uuid4().hex[:6]}"
     cfg = load_config(preset="demo", overrides={
         "sinks": [f"shm://{segment}"], "stream.width": size, "stream.height": size, "runtime.duration": None,
-        "osc.enabled": True, "osc.port": 0, "osc.allow_model_switch": True, "model.accel": ACCEL,
+        "osc.enabled": True, "osc.port": 0, "osc.allow_model_switch": True, "model.accel": accel,
     })
     timed = TimedEngines()
     node = Node(cfg, engine_factory=timed)
@@ -128,9 +127,6 @@ def measure(size: int, before_s: float, after_s: float) -> dict[str, Any]:
             reader.terminate()
     stamps = [float(line) for line in reader.stdout.read().split()] if reader is not None else []  # type: ignore[union-attr]
 
-    def longest_gap(t0: float, t1: float) -> float:
-        return widest(t0, t1)[0]
-
     def widest(t0: float, t1: float) -> tuple[float, float]:
         """The longest gap between two frames read in [t0, t1], and when it began."""
         inside = [t for t in stamps if t0 <= t <= t1]
@@ -146,7 +142,7 @@ def measure(size: int, before_s: float, after_s: float) -> dict[str, Any]:
         "frames_during_load": len([t for t in stamps if t_request <= t <= t_swap]),
         "slowest_engine_call_before_ms": round(slowest * 1e3, 1),
         "median_engine_call_before_ms": round(sorted(calls_before)[len(calls_before) // 2] * 1e3, 1),
-        "longest_gap_before_ms": round(longest_gap(t_request - before_s + 1.0, t_request) * 1e3, 1),
+        "longest_gap_before_ms": round(widest(t_request - before_s + 1.0, t_request)[0] * 1e3, 1),
         "longest_gap_during_switch_ms": round(switch_gap * 1e3, 1),
         "gap_over_slowest_call": round(switch_gap / slowest, 2),
         "gap_began_after_request_s": round(gap_start - t_request, 3),
@@ -160,11 +156,13 @@ def main() -> int:
     parser.add_argument("--before", type=float, default=6.0, help="seconds of streaming before the switch")
     parser.add_argument("--after", type=float, default=3.0, help="seconds after the swap")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--accel", default="eager", help="model.accel of the node (default eager; auto: OpenVINO on a CPU)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    runs = [measure(args.size, args.before, args.after) for _ in range(args.runs)]
+    runs = [measure(args.size, args.before, args.after, args.accel) for _ in range(args.runs)]
     result = {
         "benchmark": "model_switch",
+        "accel": args.accel,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "runs": runs,
     }

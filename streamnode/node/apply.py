@@ -92,8 +92,7 @@ class Applier:
             for update in updates:
                 self.apply_one(update)
             return
-        if node.switches.preset:
-            node.set_switches(preset="")  # the look is no longer the preset's
+        self._leave_preset()
         node.publish_live()  # before the reports: whoever hears of them reads the new state
         for update in updates:
             node.queue.report(update)
@@ -149,8 +148,12 @@ class Applier:
                 return  # tempo settings, LFOs, cues: the look is still the preset's
         else:
             raise ValueError(f"unknown control key {key!r}")
-        if node.switches.preset:
-            node.set_switches(preset="")  # the look is no longer the preset's
+        self._leave_preset()
+
+    def _leave_preset(self) -> None:
+        """A change of the look was applied: it is no longer the preset's."""
+        if self.node.switches.preset:
+            self.node.set_switches(preset="")
 
     # -- presets and models
 
