@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -155,26 +156,40 @@ while True:
 """A lighting desk: ArtDmx packets at `rate` a second from another process, channel 1 moving."""
 
 
-def midi_port(node: Node, rate: float, stop: threading.Event, sent: list[int], cpu: list[float]) -> None:
-    """What the node's MIDI thread does with a device sending `rate` CCs a second: as
-    tempo/midi_ports.py reads a port, take every message that has arrived, map each onto the
-    queue, and when none has, wait its poll interval. `cpu` gets this thread's CPU time."""
+def midi_port(node: Node, rate: float, active: threading.Event, stop: threading.Event, sent: list[int],
+              cpu: list[float]) -> None:
+    """What the node's MIDI thread does with a device attached: as tempo/midi_ports.py reads a
+    control port, take every message that has arrived, hand them to the mapper together, and
+    when none has, wait its poll interval. While `active`, the device sends `rate` CCs a second;
+    otherwise it is silent and the port is still polled, as the node polls a quiet device.
+    `cpu` gets this thread's CPU time."""
     path = Path("/tmp/streamnode-bench-midi.json")
     path.write_text('{"mappings": [{"kind": "cc", "channel": 1, "number": 1, "address": "/guidance"}]}')
     mapper = MidiMapper(node.queue, {"brush": 8, "lora": 8, "lfo": 8, "cues": 16}, path, live=node.live)
-    i = 0
+    i = arrived_before = 0
     t0 = time.monotonic()
+    was_active = False
     c0 = time.thread_time()
     while not stop.is_set():
-        arrived = int((time.monotonic() - t0) * rate)  # what the device has sent by now
-        drained = i < arrived
-        while i < arrived:  # port.iter_pending()
-            i += 1
-            mapper.handle(SimpleNamespace(type="control_change", channel=0, control=1, value=i % 128))
-            sent[0] += 1
+        if active.is_set() != was_active:  # the device starts or stops sending
+            was_active = active.is_set()
+            t0, arrived_before = time.monotonic(), i
+        arrived = arrived_before + int((time.monotonic() - t0) * rate) if was_active else i
+        pending = [SimpleNamespace(type="control_change", channel=0, control=1, value=k % 128)
+                   for k in range(i + 1, arrived + 1)]  # port.iter_pending()
+        if pending:
+            mapper.handle_pending(pending)
+            sent[0] += len(pending)
+            i = arrived
         cpu[0] = time.thread_time() - c0
-        if not drained:
+        if not pending:
             stop.wait(MIDI_POLL_S)
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) another process has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def thread_cpu_s(name: str) -> float:
@@ -201,6 +216,13 @@ class Timed:
         setattr(owner, name, timed)
 
 
+def frames_per_s(t0: float, t1: float) -> float:
+    """Frames/s from the stamps of the frames that left between t0 and t1: first to last stamp,
+    so a phase is not rounded to whole frames."""
+    stamps = [t for t in Stamps.times if t0 <= t <= t1]
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 2 else 0.0
+
+
 def update_cost(node: Node, phase_s: float, pairs: int, rate: float) -> dict[str, Any]:
     lfos = [Update("lfo", (0, {"target": "/similarity_max_skip", "shape": "sine", "beats": 1.0, "depth": 4.0,
                                "offset": 5.0}), origin="/lfo/0"),
@@ -214,56 +236,68 @@ def update_cost(node: Node, phase_s: float, pairs: int, rate: float) -> dict[str
     queue_ms: dict[str, list[float]] = {"idle": [], "storm": []}  # the part applying queued updates
     rates: list[float] = []
     cpu_artnet: list[float] = []
+    cpu_desk: list[float] = []
     # The engine thread's CPU time per frame (its engine call included: torch runs one thread,
     # the caller's): the work a frame costs, which the machine's load changes far less than
     # frames/s.
     engine_cpu_ms: dict[str, list[float]] = {"idle": [], "storm": []}
     cpu_midi: list[float] = []
-    for p in range(2 * pairs):
-        mode = ("idle", "storm")[p % 2]
-        stop = threading.Event()
-        sent, cpu = [0], [0.0]
-        thread = None
-        desk = None
-        if mode == "storm":
-            for u in lfos:
-                node.queue.put(u)
-            thread = threading.Thread(target=midi_port, args=(node, rate / 2, stop, sent, cpu))
-            thread.start()
-            desk = subprocess.Popen([sys.executable, "-c", _DESK, str(node._surfaces.artnet.port), str(rate / 2)])
-        else:
-            for i in range(2):
-                node.queue.put(Update("lfo", (i, "clear", None), origin="/lfo/clear"))
-        time.sleep(0.2)  # settle
-        n0, t0, s0, c0 = node.frames_out, time.monotonic(), sent[0], apply_time.total + tempo_time.total
-        q0, p0 = apply_time.total, node._surfaces.artnet.mapper.packets
-        a0, m0, e0 = thread_cpu_s("artnet-recv"), cpu[0], thread_cpu_s("engine")
-        time.sleep(phase_s)
-        n1, t1, s1, c1 = node.frames_out, time.monotonic(), sent[0], apply_time.total + tempo_time.total
-        q1, p1 = apply_time.total, node._surfaces.artnet.mapper.packets
-        a1, m1, e1 = thread_cpu_s("artnet-recv"), cpu[0], thread_cpu_s("engine")
+    # The MIDI port and the desk stay attached for the whole run, as they would at a show: a
+    # storm phase turns their traffic on, an idle phase off (the desk paused, the port quiet but
+    # polled), so a phase change starts no process and the phases can be short and many.
+    stop, active = threading.Event(), threading.Event()
+    sent, cpu = [0], [0.0]
+    thread = threading.Thread(target=midi_port, args=(node, rate / 2, active, stop, sent, cpu), name="midi-bench")
+    thread.start()
+    desk = subprocess.Popen([sys.executable, "-c", _DESK, str(node._surfaces.artnet.port), str(rate / 2)])
+    try:
+        time.sleep(0.5)  # the desk's interpreter starts
+        for p in range(2 * pairs):
+            mode = ("idle", "storm")[p % 2]
+            if mode == "storm":
+                for u in lfos:
+                    node.queue.put(u)
+                active.set()
+                desk.send_signal(signal.SIGCONT)
+            else:
+                for i in range(2):
+                    node.queue.put(Update("lfo", (i, "clear", None), origin="/lfo/clear"))
+                active.clear()
+                desk.send_signal(signal.SIGSTOP)
+            time.sleep(0.2)  # settle
+            n0, t0, s0, c0 = node.frames_out, time.monotonic(), sent[0], apply_time.total + tempo_time.total
+            q0, p0 = apply_time.total, node._surfaces.artnet.mapper.packets
+            a0, m0, e0, d0 = thread_cpu_s("artnet-recv"), cpu[0], thread_cpu_s("engine"), process_cpu_s(desk.pid)
+            time.sleep(phase_s)
+            n1, t1, s1, c1 = node.frames_out, time.monotonic(), sent[0], apply_time.total + tempo_time.total
+            q1, p1 = apply_time.total, node._surfaces.artnet.mapper.packets
+            a1, m1, e1, d1 = thread_cpu_s("artnet-recv"), cpu[0], thread_cpu_s("engine"), process_cpu_s(desk.pid)
+            if mode == "storm":
+                rates.append((s1 - s0 + p1 - p0) / (t1 - t0))
+                cpu_artnet.append((a1 - a0) / (t1 - t0))
+                cpu_midi.append((m1 - m0) / (t1 - t0))
+                cpu_desk.append((d1 - d0) / (t1 - t0))
+            fps[mode].append(frames_per_s(t0, t1))
+            control_ms[mode].append(1e3 * (c1 - c0) / max(1, n1 - n0))
+            queue_ms[mode].append(1e3 * (q1 - q0) / max(1, n1 - n0))
+            engine_cpu_ms[mode].append(1e3 * (e1 - e0) / max(1, n1 - n0))
+    finally:
         stop.set()
-        if desk is not None:
-            desk.kill()
-            desk.wait()
-        if thread is not None:
-            thread.join()
-            rates.append((s1 - s0 + p1 - p0) / (t1 - t0))
-            cpu_artnet.append((a1 - a0) / (t1 - t0))
-            cpu_midi.append((m1 - m0) / (t1 - t0))
-        fps[mode].append((n1 - n0) / (t1 - t0))
-        control_ms[mode].append(1e3 * (c1 - c0) / max(1, n1 - n0))
-        queue_ms[mode].append(1e3 * (q1 - q0) / max(1, n1 - n0))
-        engine_cpu_ms[mode].append(1e3 * (e1 - e0) / max(1, n1 - n0))
+        desk.kill()
+        desk.wait()
+        thread.join()
     # Each storm phase against the mean of the idle phases either side of it: the machine's
     # load drifts (other processes), a neighbour pair sees nearly the same machine.
-    ratios = [fps["storm"][k] / ((fps["idle"][k] + fps["idle"][min(k + 1, pairs - 1)]) / 2) for k in range(pairs)]
+    ratios = sorted(fps["storm"][k] / ((fps["idle"][k] + fps["idle"][min(k + 1, pairs - 1)]) / 2)
+                    for k in range(pairs))
     engine_ms = node.engine_ms
     storm_ms = statistics.median(control_ms["storm"])
     return {"phase_s": phase_s, "pairs": pairs, "updates_per_s": round(statistics.median(rates), 1), "lfos": 2,
             "fps_idle": [round(x, 2) for x in fps["idle"]], "fps_storm": [round(x, 2) for x in fps["storm"]],
             "fps_ratio_storm_over_idle_median": round(statistics.median(ratios), 4),
-            "fps_ratios": [round(r, 3) for r in ratios],
+            "fps_ratio_quartiles": [round(ratios[len(ratios) // 4], 4), round(ratios[(3 * len(ratios)) // 4], 4)],
+            "fps_ratio_mean": round(statistics.fmean(ratios), 4),
+            "fps_ratios_sorted": [round(r, 3) for r in ratios],
             "engine_thread_control_ms_per_frame": {k: round(statistics.median(v), 3) for k, v in control_ms.items()},
             "of_which_applying_queued_updates_ms": {k: round(statistics.median(v), 3) for k, v in queue_ms.items()},
             "engine_call_ms": round(engine_ms, 2),
@@ -273,6 +307,7 @@ def update_cost(node: Node, phase_s: float, pairs: int, rate: float) -> dict[str
             "engine_thread_control_share_storm": round(storm_ms / (storm_ms + engine_ms), 4),
             "artnet_recv_cpu_share": round(statistics.median(cpu_artnet), 4),
             "midi_mapping_cpu_share": round(statistics.median(cpu_midi), 4),
+            "desk_process_cpu_share": round(statistics.median(cpu_desk), 4),
             "queue_replaced": node.queue.replaced}
 
 
@@ -282,7 +317,7 @@ def main() -> None:
     ap.add_argument("--bpm", type=float, default=300.0)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--phase-s", type=float, default=1.0)
-    ap.add_argument("--pairs", type=int, default=15, help="idle/storm phase pairs")
+    ap.add_argument("--pairs", type=int, default=40, help="idle/storm phase pairs")
     ap.add_argument("--rate", type=float, default=1000.0)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()

@@ -65,6 +65,31 @@ def test_midi_notes_drive_switches_triggers_and_a_storm_is_one_update_per_parame
         MidiMapper(queue, LIMITS, bad)
 
 
+def test_what_a_port_delivers_together_maps_each_faders_newest_value_and_every_note_and_trigger(tmp_path) -> None:  # noqa: ANN001
+    path = tmp_path / "map.json"
+    path.write_text('{"mappings": [{"kind": "cc", "channel": 1, "number": 1, "address": "/guidance"},'
+                    ' {"kind": "cc", "channel": 1, "number": 2, "address": "/cue_next"},'
+                    ' {"kind": "note", "channel": 1, "number": 36, "address": "/cue_next"}]}')
+    queue = ControlQueue()
+    reports: list[tuple[str, object]] = []
+    queue.put = lambda u: reports.append((u.slot, u.value))  # type: ignore[method-assign]  # every put, in order
+    mapper = MidiMapper(queue, LIMITS, path)
+    sweep = [cc(1, 1, v) for v in range(0, 128, 8)]
+    # A trigger CC pressed twice, a pad hit and released, between two parts of a fader sweep.
+    pads = [cc(1, 2, 127), cc(1, 2, 0), cc(1, 2, 127), Msg(type="note_on", channel=0, note=36, velocity=90),
+            Msg(type="note_off", channel=0, note=36, velocity=0)]
+    mapper.handle_pending(sweep[:8] + pads + sweep[8:])
+    guidance = [v for slot, v in reports if slot == "guidance_scale"]
+    assert guidance == [pytest.approx(20.0 * 120 / 127, abs=1e-4)], "of a fader's values read together, only the newest is mapped"
+    assert [slot for slot, _ in reports].count("cue_next") == 3, "each rising edge of a trigger fires"
+    assert mapper.handled == 4
+    # In learn mode nothing is dropped: the first knob that moves is the one learned.
+    learning = MidiMapper(ControlQueue(), LIMITS, tmp_path / "learn.json",
+                          live=lambda: LiveState(node=NodeParams(midi_learn="/strength")))
+    learning.handle_pending([cc(3, 7, 0), cc(3, 7, 90), cc(3, 7, 0)])
+    assert [(b.kind, b.channel, b.number) for b in learning.bindings()] == [("cc", 3, 7)]
+
+
 def test_a_missing_or_unplugged_midi_device_is_logged_once_and_retried(caplog) -> None:  # noqa: ANN001
     pytest.importorskip("mido", reason="pip install 'streamnode[tempo]'")
     from streamnode.tempo import midi_ports
@@ -206,7 +231,7 @@ def test_a_midi_device_unplugged_while_playing_is_logged_once_and_picked_up_agai
     caplog.set_level(logging.INFO, logger="streamnode.tempo.midi_ports")
     got: list[Any] = []
     stop = threading.Event()
-    thread = threading.Thread(target=midi_ports.read_port, args=("nanokontrol", stop, got.append))
+    thread = threading.Thread(target=midi_ports.read_port, args=("nanokontrol", stop, got.extend))
     thread.start()
     try:
         wait_for(lambda: len(got) == 1, 5.0, "the first message")

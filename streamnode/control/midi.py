@@ -10,6 +10,12 @@ ends (an update on the queue clears it). The file is JSON in the user config fol
 (`midi-map.json` beside the user presets, or `midi.mapping`), written atomically, read at start:
 the mapping survives restarts.
 
+A port is read every 10 ms (tempo/midi_ports.py) and what arrived meanwhile comes to
+`handle_pending` together: of a fader's CCs among them only the newest is mapped (the parameter
+would take the last anyway, and a fader swept fast sends hundreds a second), while notes, CCs
+mapped to triggers (a rising edge must not be lost) and everything in learn mode are handled one
+by one, in order.
+
 `MidiMapper.handle` takes mido messages (or anything with `type`, `channel`, `control`/`note`,
 `value`/`velocity`), so it is tested with synthetic messages; the port is opened by
 tempo/midi_ports.py. A message that maps nowhere costs nothing; a value the parameter refuses is
@@ -129,6 +135,25 @@ class MidiMapper:
     def bindings(self) -> list[MidiBinding]:
         with self._lock:
             return [b for b, _ in self._bindings.values()]
+
+    def handle_pending(self, messages: list[Any]) -> None:
+        """The messages read from the port together, in order: each fader's newest CC of them
+        and every other message (see the module's doc)."""
+        if len(messages) > 1 and not self._live().node.midi_learn:
+            faders = [self._fader(m) for m in messages]
+            newest = {key: i for i, key in enumerate(faders) if key is not None}
+            messages = [m for i, (m, key) in enumerate(zip(messages, faders, strict=True))
+                        if key is None or newest[key] == i]
+        for message in messages:
+            self.handle(message)
+
+    def _fader(self, message: Any) -> Key | None:
+        """The key of a CC mapped to a continuous parameter; None for anything else."""
+        if getattr(message, "type", "") != "control_change":
+            return None
+        key: Key = ("cc", int(message.channel) + 1, int(message.control))
+        found = self._bindings.get(key)
+        return key if found is not None and found[1].param.kind != "trigger" else None
 
     def handle(self, message: Any) -> None:
         kind = getattr(message, "type", "")

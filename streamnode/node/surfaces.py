@@ -46,14 +46,14 @@ class Surfaces:
         if c.midi.port:
             path = Path(c.midi.mapping).expanduser() if c.midi.mapping else default_mapping_path()
             self.midi = MidiMapper(self.queue, self.limits, path, live=self.live)
-            self._workers.append((f"midi:{c.midi.port}", self._reader(c.midi.port, self.midi.handle, control=True)))
+            self._workers.append((f"midi:{c.midi.port}", self._reader(c.midi.port, self.midi.handle_pending, control=True)))
         if c.tempo.source == "midi" and c.tempo.midi_clock_port:
-            from streamnode.tempo.midi_clock import MidiClock, feed_message
+            from streamnode.tempo.midi_clock import MidiClock, feed_messages
 
             clock = self.clock
             if isinstance(clock, MidiClock):
                 self._workers.append((f"midi-clock:{c.tempo.midi_clock_port}", self._reader(
-                    c.tempo.midi_clock_port, lambda m: feed_message(clock, m, time.monotonic()))))
+                    c.tempo.midi_clock_port, lambda ms: feed_messages(clock, ms, time.monotonic()))))
         if c.artnet.enabled:
             mapper = ArtNetMapper.from_config(self.queue, c.artnet, self.limits)
             self.artnet = ArtNetReceiver(mapper, c.artnet.host, c.artnet.port)
@@ -61,11 +61,11 @@ class Surfaces:
             self._workers.append(("artnet-recv", self.artnet.run))
 
     @staticmethod
-    def _reader(port: str, on_message: Callable[[Any], None], *, control: bool = False) -> Worker:
+    def _reader(port: str, on_messages: Callable[[list[Any]], None], *, control: bool = False) -> Worker:
         def work(stop: threading.Event) -> None:
             from streamnode.tempo.midi_ports import CONTROL_POLL_S, POLL_S, read_port
 
-            read_port(port, stop, on_message, CONTROL_POLL_S if control else POLL_S)
+            read_port(port, stop, on_messages, CONTROL_POLL_S if control else POLL_S)
 
         return work
 

@@ -93,10 +93,11 @@ class MidiClock:
         pass
 
 
-def feed_message(clock: MidiClock, message: object, t: float) -> None:
-    """A mido message → the clock (others are ignored)."""
-    kind = getattr(message, "type", "")
-    if kind in ("clock", "start", "continue", "stop"):
-        clock.feed(kind, t)
-    elif kind == "songpos":
-        clock.feed(kind, t, int(getattr(message, "pos", 0)))
+def feed_messages(clock: MidiClock, messages: list[object], t: float) -> None:
+    """Mido messages read together at `t` → the clock, in order (others are ignored)."""
+    for message in messages:
+        kind = getattr(message, "type", "")
+        if kind in ("clock", "start", "continue", "stop"):
+            clock.feed(kind, t)
+        elif kind == "songpos":
+            clock.feed(kind, t, int(getattr(message, "pos", 0)))

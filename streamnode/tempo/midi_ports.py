@@ -1,7 +1,7 @@
 """MIDI input ports: opened lazily by name, read on a thread, re-opened after an unplug.
 
 mido with the python-rtmidi backend (the `tempo` extra). Every message goes to one callback
-(midi_clock.feed_message, control/midi.MidiMapper.handle); a port that is missing or goes away
+(midi_clock.feed_messages, control/midi.MidiMapper.handle_pending); a port that is missing or goes away
 is logged once per outage and tried again with backoff, and the node plays on meanwhile.
 """
 
@@ -60,9 +60,11 @@ def resolve(name: str, names: list[str]) -> str:
     raise ValueError(f"no single MIDI input matches {name!r} (inputs: {listed})")
 
 
-def read_port(name: str, stop: threading.Event, on_message: Callable[[Any], None], poll_s: float = POLL_S) -> None:
-    """Until `stop`: open `name`, pass each message to `on_message`, looking for new ones every
-    `poll_s` while none came; on any failure close, log once per outage, wait (backoff) and open
+def read_port(name: str, stop: threading.Event, on_messages: Callable[[list[Any]], None],
+              poll_s: float = POLL_S) -> None:
+    """Until `stop`: open `name`, pass the messages that have arrived to `on_messages` together
+    (in order; a control surface keeps only a knob's newest value of them), looking for new ones
+    every `poll_s` while none came; on any failure close, log once per outage, wait (backoff) and open
     again."""
     mido = _mido()
     limit = LogLimiter()
@@ -77,11 +79,10 @@ def read_port(name: str, stop: threading.Event, on_message: Callable[[Any], None
             failures = 0
             next_check = time.monotonic() + _PRESENT_CHECK_S
             while not stop.is_set():
-                drained = False
-                for message in port.iter_pending():
-                    drained = True
-                    on_message(message)
-                if not drained:
+                pending = list(port.iter_pending())
+                if pending:
+                    on_messages(pending)
+                else:
                     stop.wait(poll_s)
                     # An unplugged port may fall silent rather than fail a read: look for it.
                     if time.monotonic() >= next_check:
