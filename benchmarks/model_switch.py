@@ -135,7 +135,7 @@ def measure(size: int, before_s: float, after_s: float, accel: str = "eager",
     })
     timed = TimedEngines()
     collections = GcLog()
-    node = Node(cfg, engine_factory=timed)
+    node = Node(cfg, engine_factory=timed, freeze_heap=True)  # as `streamnode run` makes it
     node.start()
     reader = None
     try:

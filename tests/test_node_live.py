@@ -217,3 +217,35 @@ def test_a_preset_replaces_the_look_brushes_included(components) -> None:  # noq
         assert node.live().brush_order == () and node.engine.layers == 1
     finally:
         node.stop()
+
+
+def test_a_switched_out_model_is_freed_at_once_and_no_full_collection_walks_the_heap(tiny_model_path) -> None:  # noqa: ANN001
+    """A node that owns its process (`streamnode run`) freezes its heap once streaming: a full
+    garbage collection there took 190-270 ms and stopped the picture during a switch. Frozen
+    objects are freed only by their reference counts, so the engine a switch replaces must
+    not sit in a cycle: with the collector off, its model is gone right after the swap."""
+    import gc
+    import weakref
+
+    node = Node(small_config(**{"sinks": ["clock://"], "osc.allow_model_switch": True,
+                                "model.id": str(tiny_model_path)}), freeze_heap=True)
+    node.start()
+    try:
+        sink = Clock.instances[-1]
+        wait_for(lambda: node.status()["state"] == "streaming" and len(sink.times) > 3, 60, "streaming")
+        assert gc.get_freeze_count() > 100_000, "the start-up heap is frozen"
+        gc.disable()  # from here only reference counts free anything
+        old = node.engine
+        assert old is not None
+        old_engine, old_unet = weakref.ref(old), weakref.ref(old.components.unet)
+        del old
+        node.queue.put(Update("model", str(tiny_model_path), origin="test"))
+        wait_for(lambda: node.engine is not None and node.engine is not old_engine(), 60, "the switch")
+        # The old engine lets go of its model in close(), and the engine thread of the engine right after.
+        wait_for(lambda: old_unet() is None and old_engine() is None, 5, "the old model freed")
+        assert len(gc.get_objects()) < gc.get_freeze_count() // 10, "a full pass walks little: the new model"
+        wait_for(lambda: len([t for t in sink.times if t > time.monotonic() - 1.0]) > 3, 10, "frames after the switch")
+    finally:
+        node.stop()
+        gc.unfreeze()  # this process is pytest's: its collector goes back to normal
+        gc.enable()

@@ -164,7 +164,7 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"streamnode run: {e}", file=sys.stderr)
         return EXIT_USAGE
     with logs:
-        node = Node(config)
+        node = Node(config, freeze_heap=True)  # this process is the node's: no full collection stops it (node/heap.py)
         stop = threading.Event()
         with shutdown_signals(stop, on_force=lambda: logs.drain(FORCED_EXIT_LOG_S)):
             try:

@@ -43,6 +43,7 @@ cost without brushes are exactly the above.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -210,7 +211,8 @@ class StreamEngine:
 
         # A private scheduler: configuring it (set_timesteps) must not touch the shared components.
         self._scheduler = type(components.scheduler).from_config(components.scheduler.config)
-        self._prompts = PromptCache(self._encode_texts, maxsize=prompt_cache_size)
+        # Not a bound method: the cache (held by the regions too) must not hold the engine (see close).
+        self._prompts = PromptCache(functools.partial(_encode_texts, components, self.stats), maxsize=prompt_cache_size)
         self._filter = SimilarityFilter(seed=seed)
         self._regions = Regions(
             width=self.width, height=self.height, latent_hw=self.latent_shape[1:], max_brushes=max_brushes,
@@ -254,6 +256,7 @@ class StreamEngine:
         # UNet's weights (an accelerated UNet built with the old ones: accel/).
         self._loras = LoraStack(components.unet, mode=lora_mode, max_loras=max_loras)
         self._weight_listeners: list[Callable[[bool], None]] = []
+        self._closed = False
         # The ControlNets (controlnet.py): their maps move through the stages with the frames.
         self._control = ControlStack(components, width=self.width, height=self.height, max_nets=max_controlnets)
         self._schedule: LcmSchedule | None = None
@@ -330,8 +333,15 @@ class StreamEngine:
 
     def close(self) -> None:
         """Release what the engine holds beyond its Python objects (accelerated engines, device
-        buffers) and give the UNet back as loaded (no LoRA). Safe twice; the engine must not be
-        called afterwards."""
+        buffers), give the UNet back as loaded (no LoRA), and break the reference cycles through
+        the engine. Safe twice; the engine must not be called afterwards (its counters and
+        inspection properties still read).
+
+        Without the last step its model would outlive the engine until a full garbage collection,
+        and never once the heap is frozen (node/heap.py): after a model switch, two models in
+        memory (tests/test_node_live.py frees one with the collector off)."""
+        if self._closed:
+            return
         self._loras.close()
         self._control.close()
         self._set_bank(None)
@@ -343,6 +353,8 @@ class StreamEngine:
                 logger.warning("releasing an engine resource failed", exc_info=True)
         self._x0_prev = self._resid_prev = self._last_image = None
         self._transition = None
+        self._weight_listeners.clear()  # the backends' listeners are closures over the engine
+        self._closed = True
 
     @property
     def t_index_list(self) -> list[int]:
@@ -649,15 +661,6 @@ class StreamEngine:
         if not derived:
             self._settle = max(self._settle, self.steps)
 
-    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
-        self.stats["text_encodes"] += len(texts)
-        emb = self.components.encode_text(texts)
-        if emb.shape[-1] != self.components.cross_attention_dim:
-            raise ValueError(
-                f"text encoder gives width {emb.shape[-1]}, the UNet cross-attends over "
-                f"{self.components.cross_attention_dim}: the text encoder does not belong to this UNet"
-            )
-        return emb
 
     def _embeddings_for(self, params: LiveParams) -> torch.Tensor:
         """(2, L, D): [negative, blended positive] (packed, conditioning.py), every text served by the LRU cache."""
@@ -1223,3 +1226,16 @@ class StreamEngine:
             return host if kind.batched else host[0]
         out = hwc.to(device=kind.device, dtype=torch.uint8, copy=True)
         return out if kind.batched else out[0]
+
+
+def _encode_texts(components: Any, stats: dict[str, int], texts: list[str]) -> torch.Tensor:
+    """The prompt cache's encoder for an engine on `components` (models.ModelComponents), counting
+    into its `stats`."""
+    stats["text_encodes"] += len(texts)
+    emb = components.encode_text(texts)
+    if emb.shape[-1] != components.cross_attention_dim:
+        raise ValueError(
+            f"text encoder gives width {emb.shape[-1]}, the UNet cross-attends over "
+            f"{components.cross_attention_dim}: the text encoder does not belong to this UNet"
+        )
+    return emb

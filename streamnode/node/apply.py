@@ -24,6 +24,7 @@ from streamnode.control.updates import ENGINE_KEYS, Update
 from streamnode.engine import Engine
 from streamnode.live_params import MASK_SOURCES, LiveParams, LiveState
 from streamnode.log_limit import LogLimiter, held_text
+from streamnode.node import heap
 from streamnode.node.lora_loader import LoraJob, LoraLoader
 from streamnode.node.model_switch import LoadJob
 from streamnode.node.tempo import TEMPO_KEYS
@@ -221,6 +222,9 @@ class Applier:
         finally:
             if old is not None:
                 old.close()
+            del old  # its model is freed here (close broke its cycles), not at some later collection
+        if node.freeze_heap:
+            heap.collect_after_switch()  # what the load left as garbage goes now, not mid-frame later
         for index, image in node.control_maps.held():
             try:
                 new.set_control_map(index, image)  # the external maps in force hold across the switch

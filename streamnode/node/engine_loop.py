@@ -60,6 +60,7 @@ class EngineLoop:
             except Exception as e:  # noqa: BLE001 - a bad preset brush is a startup failure, reported
                 node.fail(str(e))
                 return
+            del engine  # the node holds it: a model switch must be able to free it (node/heap.py)
             node.publish_live()
             node.control_maps.sync(node.live().controlnets)  # the preprocessors see the first frame
             node.engine_ready.set()

@@ -24,6 +24,7 @@ from streamnode.frames import RingBuffer
 from streamnode.io.base import Sink, Source, TransportError, TransportOptions, create_sink, create_source
 from streamnode.io.shm_masks import MaskChannels
 from streamnode.live_params import BrushState, LiveState, NodeParams
+from streamnode.node import heap
 from streamnode.node.apply import Applier
 from streamnode.node.build import EngineFactory, build_engine
 from streamnode.node.capture import Capture
@@ -63,8 +64,9 @@ class Node:
     """
 
     def __init__(self, config: NodeConfig, *, engine_factory: EngineFactory | None = None,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, freeze_heap: bool = False) -> None:
         self.config = config
+        self.freeze_heap = freeze_heap  # freeze what is alive once streaming and after a switch (node/heap.py)
         self.engine_factory: EngineFactory = engine_factory or self._build_engine
         self._progress: Callable[[Any], None] | None = None
         self.queue = ControlQueue()
@@ -375,6 +377,8 @@ class Node:
             logger.info("first frame in %.0f ms; streaming", ms)
             # Frames that arrived while the model loaded were never meant to be shown.
             self._dropped_before = self.ring.dropped
+            if self.freeze_heap:
+                heap.settle()  # before the first frame leaves: no full collection stops the picture later
             self._t_streaming = time.monotonic()
         else:
             self._engine_ms = ms if self._engine_ms == 0.0 else 0.9 * self._engine_ms + 0.1 * ms
