@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
-SHARE_QUANTUM_S = 0.0005
-SHARE_REST_S = 0.002
+SHARE_QUANTUM_S = 0.0001
+SHARE_REST_S = 0.0004
 """While loading, the loader gives the interpreter away for REST after every QUANTUM it ran: the
 engine thread keeps most of it (see `sharing_the_interpreter`)."""
 
@@ -25,9 +25,11 @@ def sharing_the_interpreter(quantum: float = SHARE_QUANTUM_S, rest: float = SHAR
     thread only after its switch interval (5 ms): a thread busy in Python beside the engine made
     each tiny-model call 14-22x slower (2.2-2.8 s instead of 0.12-0.16 s, measured on 2 cores).
     A per-thread profile hook (`sys.setprofile` acts on the calling thread only) sleeps `rest`
-    after each `quantum` of this thread's time, and a sleep releases the lock at once: with
-    0.5 ms / 2 ms the same call took 1.3x its time. The load takes longer; the picture keeps
-    its pace (docs/architecture.md, "Model switch").
+    after each `quantum` of this thread's time, and a sleep releases the lock at once. The
+    engine waits, at an op that finds the lock taken, for the rest of a quantum, so the quantum
+    is short: beside a pure-Python neighbour a call took 141-143 ms with 0.5 ms / 2 ms and
+    127-134 ms with 0.1 ms / 0.4 ms (103-130 ms alone), while the neighbour got as far. The load
+    takes longer; the picture keeps its pace (docs/architecture.md, "A model switch").
     """
     previous = sys.getprofile()
     last = time.perf_counter()
