@@ -4,10 +4,12 @@ ControlQueue as the same checked updates OSC makes."""
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace as Msg
 from typing import Any
 
@@ -21,6 +23,15 @@ from streamnode.control.updates import ControlQueue
 from streamnode.live_params import LiveState, NodeParams
 
 LIMITS = {"brush": 4, "lora": 4, "lfo": 4, "cues": 4}
+
+
+def mapping_file(folder: Path, *entries: tuple[Any, ...]) -> Path:
+    """A MIDI mapping file of (kind, number, address[, extra fields]) on channel 1."""
+    mappings = [{"kind": kind, "channel": 1, "number": number, "address": address, **(extra[0] if extra else {})}
+                for kind, number, address, *extra in entries]
+    path = folder / "map.json"
+    path.write_text(json.dumps({"mappings": mappings}))
+    return path
 
 
 def cc(channel: int, control: int, value: int) -> Msg:
@@ -46,10 +57,8 @@ def test_midi_learn_maps_the_next_knob_and_the_mapping_survives_a_restart(tmp_pa
 
 
 def test_midi_notes_drive_switches_triggers_and_a_storm_is_one_update_per_parameter(tmp_path) -> None:  # noqa: ANN001
-    path = tmp_path / "map.json"
-    path.write_text('{"mappings": [{"kind": "note", "channel": 1, "number": 36, "address": "/cue_next"},'
-                    ' {"kind": "note", "channel": 1, "number": 37, "address": "/pause"},'
-                    ' {"kind": "cc", "channel": 1, "number": 1, "address": "/lora/2/weight", "low": 0, "high": 1}]}')
+    path = mapping_file(tmp_path, ("note", 36, "/cue_next"), ("note", 37, "/pause"),
+                        ("cc", 1, "/lora/2/weight", {"low": 0, "high": 1}))
     queue = ControlQueue()
     mapper = MidiMapper(queue, LIMITS, path)
     mapper.handle(Msg(type="note_on", channel=0, note=36, velocity=100))
@@ -66,10 +75,7 @@ def test_midi_notes_drive_switches_triggers_and_a_storm_is_one_update_per_parame
 
 
 def test_what_a_port_delivers_together_maps_each_faders_newest_value_and_every_note_and_trigger(tmp_path) -> None:  # noqa: ANN001
-    path = tmp_path / "map.json"
-    path.write_text('{"mappings": [{"kind": "cc", "channel": 1, "number": 1, "address": "/guidance"},'
-                    ' {"kind": "cc", "channel": 1, "number": 2, "address": "/cue_next"},'
-                    ' {"kind": "note", "channel": 1, "number": 36, "address": "/cue_next"}]}')
+    path = mapping_file(tmp_path, ("cc", 1, "/guidance"), ("cc", 2, "/cue_next"), ("note", 36, "/cue_next"))
     queue = ControlQueue()
     reports: list[tuple[str, object]] = []
     queue.put = lambda u: reports.append((u.slot, u.value))  # type: ignore[method-assign]  # every put, in order
