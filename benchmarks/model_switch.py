@@ -176,6 +176,7 @@ def measure(size: int, before_s: float, after_s: float, accel: str = "eager",
     in_gap = [d for t, _g, d in collections.done if gap_start <= t <= gap_start + switch_gap]
     calls_during = [s for end, s in timed.calls if t_request <= end <= t_swap + 2.0]
     slowest = max(calls_before)
+    warm_end, warm_s = timed.warm_calls[-1] if timed.warm_calls else (0.0, 0.0)  # the new engine's warm-up call
     if control_load_s is not None:
         return {"kind": "control (no switch)", "window_s": round(t_swap + 2.0 - t_request, 3),
                 "slowest_engine_call_before_ms": round(slowest * 1e3, 1),
@@ -197,8 +198,7 @@ def measure(size: int, before_s: float, after_s: float, accel: str = "eager",
         # The load's phases, from the request: the engine built (files, modules, weights), then
         # the live state replayed and one warm-up call on the loader's thread.
         "built_after_request_s": round(timed.builds[-1][1] - t_request, 3),
-        "warm_call": [round(end - t_request - d, 3) for end, d in timed.warm_calls[-1:]] + [
-            round(d * 1e3, 1) for _end, d in timed.warm_calls[-1:]],
+        "warm_call": [round(warm_end - warm_s - t_request, 3), round(warm_s * 1e3, 1)] if timed.warm_calls else [],
         # The interpreter's garbage collector stops every thread while it runs: a full pass over
         # the start-up heap takes a few hundred ms here, so it is counted.
         "gc_passes_during_switch": {str(g): sum(1 for _t, gen, _d in in_switch if gen == g) for g in (0, 1, 2)},
@@ -225,7 +225,7 @@ def main() -> int:
         if args.control:
             controls.append(measure(args.size, args.before, args.after, args.accel, runs[-1]["load_s"]))
 
-    def share_ok(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    def summary(rs: list[dict[str, Any]]) -> dict[str, Any]:
         ratios = sorted(r["gap_over_slowest_call"] for r in rs)
         return {"runs": len(rs), "within_the_slowest_call_before": sum(r["ok"] for r in rs),
                 "gap_over_slowest_call_median": ratios[len(ratios) // 2], "max": ratios[-1]}
@@ -234,10 +234,10 @@ def main() -> int:
         "benchmark": "model_switch",
         "accel": args.accel,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "switches": share_ok(runs),
+        "switches": summary(runs),
     }
     if controls:
-        result["controls"] = share_ok(controls)
+        result["controls"] = summary(controls)
     result["runs"] = runs + controls
     text = json.dumps(result, indent=2)
     print(text)

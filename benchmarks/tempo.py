@@ -190,17 +190,21 @@ def midi_port(node: Node, rate: float, active: threading.Event, stop: threading.
             stop.wait(MIDI_POLL_S)
 
 
-def process_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) another process has used, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_s(stat: str) -> float:
+    """CPU seconds (user + system) from a /proc stat file (a process's or a thread's)."""
+    fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds another process has used."""
+    return cpu_s(f"/proc/{pid}/stat")
 
 
 def thread_cpu_s(name: str) -> float:
-    """CPU seconds (user + system) a thread of this process has used, from /proc."""
+    """CPU seconds a thread of this process has used."""
     thread = next(t for t in threading.enumerate() if t.name == name)
-    fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu_s(f"/proc/self/task/{thread.native_id}/stat")
 
 
 class Timed:

@@ -114,6 +114,17 @@ def save_mapping(path: Path, bindings: list[MidiBinding]) -> None:
         raise
 
 
+def _read(message: Any) -> tuple[Key, float] | None:
+    """A CC or note → (its key, its level 0..1); None for any other message."""
+    kind = getattr(message, "type", "")
+    if kind == "control_change":
+        return ("cc", int(message.channel) + 1, int(message.control)), int(message.value) / 127.0
+    if kind in ("note_on", "note_off"):
+        level = int(message.velocity) / 127.0 if kind == "note_on" else 0.0
+        return ("note", int(message.channel) + 1, int(message.note)), level
+    return None
+
+
 class MidiMapper:
     """MIDI messages → updates on the queue. `handle` runs on the MIDI thread only."""
 
@@ -149,22 +160,17 @@ class MidiMapper:
 
     def _fader(self, message: Any) -> Key | None:
         """The key of a CC mapped to a continuous parameter; None for anything else."""
-        if getattr(message, "type", "") != "control_change":
+        read = _read(message)
+        if read is None or read[0][0] != "cc":
             return None
-        key: Key = ("cc", int(message.channel) + 1, int(message.control))
-        found = self._bindings.get(key)
-        return key if found is not None and found[1].param.kind != "trigger" else None
+        found = self._bindings.get(read[0])
+        return read[0] if found is not None and found[1].param.kind != "trigger" else None
 
     def handle(self, message: Any) -> None:
-        kind = getattr(message, "type", "")
-        if kind == "control_change":
-            key: Key = ("cc", int(message.channel) + 1, int(message.control))
-            fraction = int(message.value) / 127.0
-        elif kind in ("note_on", "note_off"):
-            key = ("note", int(message.channel) + 1, int(message.note))
-            fraction = int(message.velocity) / 127.0 if kind == "note_on" else 0.0
-        else:
+        read = _read(message)
+        if read is None:
             return
+        key, fraction = read
         learning = self._live().node.midi_learn
         if not learning:
             self._learned = ""

@@ -661,7 +661,6 @@ class StreamEngine:
         if not derived:
             self._settle = max(self._settle, self.steps)
 
-
     def _embeddings_for(self, params: LiveParams) -> torch.Tensor:
         """(2, L, D): [negative, blended positive] (packed, conditioning.py), every text served by the LRU cache."""
         texts = [params.negative_prompt, *(text for text, _ in params.prompts)]

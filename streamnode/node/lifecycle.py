@@ -66,7 +66,7 @@ class Node:
     def __init__(self, config: NodeConfig, *, engine_factory: EngineFactory | None = None,
                  clock: Clock | None = None, freeze_heap: bool = False) -> None:
         self.config = config
-        self.freeze_heap = freeze_heap  # freeze what is alive once streaming and after a switch (node/heap.py)
+        self.freeze_heap = freeze_heap  # freeze the start-up heap at the first frame, collect after a switch (node/heap.py)
         self.engine_factory: EngineFactory = engine_factory or self._build_engine
         self._progress: Callable[[Any], None] | None = None
         self.queue = ControlQueue()
