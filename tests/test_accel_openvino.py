@@ -320,3 +320,15 @@ def test_doctor_row_names_version_devices_and_precision() -> None:
     ok, detail = rows["openvino"]
     assert ok and "OpenVINO" in detail and "CPU" in detail
     assert ("bf16" if _cpu_has_bf16() else "f32 (this CPU has no AMX or AVX-512-BF16)") in detail
+
+
+def test_converting_sends_no_telemetry(tiny_components, monkeypatch) -> None:  # noqa: ANN001
+    """OpenVINO's converter reports to Google Analytics unless the user opted out; a node never
+    reaches the network on its own (and the sender held a process's exit for 36 s offline)."""
+    telemetry = pytest.importorskip("openvino_telemetry.utils.sender", reason="this OpenVINO has no telemetry")
+    sent: list[object] = []
+    monkeypatch.setattr(telemetry.TelemetrySender, "send", lambda self, backend, message: sent.append(message))
+    from streamnode.accel.openvino import convert
+
+    assert convert(tiny_components, "vae_decoder", ((1, 4, 8, 8),)) is not None
+    assert sent == []

@@ -30,6 +30,7 @@ other rows never pay for it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import queue
@@ -136,6 +137,12 @@ class OvTarget:
         if self.device == "CPU":
             props["INFERENCE_PRECISION_HINT"] = self.precision
             props["NUM_STREAMS"] = 1
+            # Pinned, a second compiled model (a model switch, a shape compiled in the background)
+            # builds its graph on the very core the serving model's stream is pinned to: each
+            # UNet call took twice as long while a cached UNet was imported beside it, and a
+            # niced import starved for 33-43 s with the other core idle. Unpinned, the calls kept
+            # their time; alone, pinned and unpinned calls ran alike (docs/acceleration.md, "Threads").
+            props["ENABLE_CPU_PINNING"] = False
             if self.threads:
                 props["INFERENCE_NUM_THREADS"] = int(self.threads)
         elif self.reason == "asked for":
@@ -284,6 +291,7 @@ def convert(components: Any, component: str, shapes: Shapes) -> Any:
     """The `component` module as an `openvino.Model`, traced at `shapes` (its axes left dynamic)."""
     import openvino as ov
 
+    _converter_telemetry_off()
     module = _module(components, component)
     inputs = _seam_inputs(components, component, shapes)
     start = time.perf_counter()
@@ -293,6 +301,22 @@ def convert(components: Any, component: str, shapes: Shapes) -> Any:
         model = ov.convert_model(module, example_input=inputs, share_weights=False)
     logger.info("openvino: converted %s in %.1f s", component, time.perf_counter() - start)
     return model
+
+
+@functools.cache
+def _converter_telemetry_off() -> None:
+    """OpenVINO's model converter reports each conversion to Google Analytics unless the user
+    opted out in their home folder. A node must not reach the network on its own (a show network
+    may have none), and where it could not, the report's sender kept a conversion's process from
+    exiting for 36 s. The converter configures its telemetry singleton once per process and then
+    reuses it: configured here first, exactly as the converter does (its own function), with the
+    consent withdrawn, no conversion of this process sends anything."""
+    try:
+        from openvino.tools.ovc.telemetry_utils import init_ovc_telemetry
+
+        init_ovc_telemetry().consent = False
+    except Exception as e:  # noqa: BLE001 - an OpenVINO without it (the converter's stub sends nothing)
+        logger.debug("openvino: converter telemetry left as it is (%s)", e)
 
 
 @contextlib.contextmanager
