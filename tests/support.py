@@ -3,12 +3,13 @@ kit script (TouchDesigner, OBS) by path the way its host application would."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import socket
 import sys
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +157,41 @@ class Surface:
 
 def applied_addr(address: str, prefix: str = "") -> str:
     return f"{prefix}/streamnode/applied{address}"
+
+
+class Clock:
+    """A sink that keeps when each frame arrived (registered as clock:// by `clock_sinks()`)."""
+
+    instances: list[Clock] = []
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.pace_fps = None
+        self.times: list[float] = []
+        Clock.instances.append(self)
+
+    @classmethod
+    def from_uri(cls, uri: str, target: str, params: Any, options: Any) -> Clock:
+        return cls(uri)
+
+    def open(self) -> None:
+        pass
+
+    def send(self, frame: Any) -> None:
+        self.times.append(time.monotonic())
+
+    def close(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def clock_sinks() -> Iterator[None]:
+    """clock:// registered as a sink scheme for the block."""
+    from streamnode.io import base
+
+    Clock.instances.clear()
+    base.register_sink("clock", Clock)
+    try:
+        yield
+    finally:
+        base._SINKS.pop("clock", None)

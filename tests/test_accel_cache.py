@@ -14,6 +14,7 @@ from streamnode.accel.cache import (
     EngineCacheError,
     EngineKey,
     EngineLoadError,
+    misses_filled_by,
     obtain_engine,
 )
 from streamnode.accel.profile import EngineProfile, ProfileError, profile_for, profile_for_config, unet_rows
@@ -372,3 +373,44 @@ def test_weights_fingerprint_of_a_tensor_as_big_as_an_sd_unet_conv() -> None:
     first = weights_fingerprint(module)
     module.w[-1, -1, -1, -1] = 1.0  # the last value is one of the samples
     assert weights_fingerprint(module) != first
+
+
+# -- a miss built elsewhere (a model switch's other process: node/prebuild.py) ------------------
+
+
+class Elsewhere:
+    """Stands for the other process: stores what it builds into the same cache folder."""
+
+    def __init__(self, cache: EngineCache, keys: list[EngineKey], fail: bool = False) -> None:
+        self.cache, self.keys, self.fail, self.calls = cache, keys, fail, 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("the build process exited with 1: out of memory")
+        for key in self.keys:
+            self.cache.store(key, b"good engine from elsewhere")
+
+
+def test_a_miss_under_a_fill_is_built_elsewhere_and_loaded_here(tmp_path: Path) -> None:
+    cache, build = EngineCache(tmp_path), Builder()
+    unet, decoder = _key(), _key(component="vae_decoder")
+    elsewhere = Elsewhere(EngineCache(tmp_path), [unet, decoder])
+    with misses_filled_by(elsewhere):
+        engine, _, built = obtain_engine(cache, unet, build=build, load=_load)
+        assert (engine, built, build.calls) == (b"good engine from elsewhere", False, 0)
+        obtain_engine(cache, decoder, build=build, load=_load)  # a hit now: nothing asked elsewhere
+    assert elsewhere.calls == 1
+    obtain_engine(EngineCache(tmp_path), _key(component="vae_encoder"), build=build, load=_load)
+    assert (elsewhere.calls, build.calls) == (1, 1), "outside the block a miss is built here"
+
+
+@pytest.mark.parametrize("fail", [True, False])
+def test_a_fill_that_fails_or_leaves_another_key_falls_back_to_building_here(tmp_path: Path, fail: bool,
+                                                                              caplog) -> None:  # noqa: ANN001
+    cache, build = EngineCache(tmp_path), Builder()
+    elsewhere = Elsewhere(cache, [_key(device_name="another GPU")], fail=fail)
+    with caplog.at_level("WARNING"), misses_filled_by(elsewhere):
+        engine, _, built = obtain_engine(cache, _key(), build=build, load=_load)
+    assert (engine, built, build.calls, elsewhere.calls) == (b"good engine", True, 1, 1)
+    assert ("out of memory" if fail else "left no unet") in caplog.text

@@ -15,57 +15,31 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from support import small_config, tiny_factory, wait_for
+from support import Clock, clock_sinks, small_config, tiny_factory, wait_for
 
 from streamnode.control.updates import Update
-from streamnode.frames import Frame
-from streamnode.io import base
 from streamnode.node import Node
-
-
-class Clock:
-    """A sink that keeps when each frame arrived (registered as clock://)."""
-
-    instances: list[Clock] = []
-
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-        self.pace_fps = None
-        self.times: list[float] = []
-        Clock.instances.append(self)
-
-    @classmethod
-    def from_uri(cls, uri: str, target: str, params: Any, options: Any) -> Clock:
-        return cls(uri)
-
-    def open(self) -> None:
-        pass
-
-    def send(self, frame: Frame) -> None:
-        self.times.append(time.monotonic())
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture(autouse=True)
 def clock_sink() -> Iterator[None]:
-    Clock.instances.clear()
-    base.register_sink("clock", Clock)
-    yield
-    base._SINKS.pop("clock", None)
+    with clock_sinks():
+        yield
 
 
 class SlowLoads:
     """The node's engine factory, taking `seconds` longer for every engine after the first;
     records the engines it built and whether each was closed."""
 
-    def __init__(self, components: Any, seconds: float, wait: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, components: Any, seconds: float, wait: Callable[[float], None] = time.sleep,
+                 close_seconds: float = 0.0) -> None:
         self.build = tiny_factory(components)
         self.seconds = seconds
         self.wait = wait
+        self.close_seconds = close_seconds  # how long each close takes (an accelerated engine's teardown)
         self.engines: list[Any] = []
         self.closed: list[Any] = []
+        self.closed_on: list[str] = []  # the thread each close ran on
         self.load_started = threading.Event()
 
     def __call__(self, config: Any) -> Any:
@@ -76,6 +50,8 @@ class SlowLoads:
         close = engine.close
 
         def recording_close() -> None:
+            self.closed_on.append(threading.current_thread().name)
+            time.sleep(self.close_seconds)
             self.closed.append(engine)
             close()
 
@@ -112,6 +88,30 @@ def test_frames_keep_flowing_while_a_new_model_loads(components, tiny_model_path
     assert closed_by_the_switch == [old]  # the loser closed at the swap, the winner serving
     assert factory.closed == [old, new]  # and the winner when the node stopped
     assert node.status()["loading_model"] is None
+
+
+def test_the_replaced_engine_is_closed_off_the_engine_thread_while_frames_go_on(components, tiny_model_path) -> None:  # noqa: ANN001
+    """Closing an accelerated engine takes time (an OpenVINO UNet's teardown: 27-33 ms here, a
+    TensorRT engine's more): the engine thread hands the loser to the loader and streams on."""
+    factory = SlowLoads(components, seconds=0.0, close_seconds=1.5)
+    node = Node(small_config(**{"sinks": ["clock://"], "osc.allow_model_switch": True}), engine_factory=factory)
+    node.start()
+    try:
+        sink = Clock.instances[-1]
+        wait_for(lambda: node.status()["state"] == "streaming" and len(sink.times) > 10, 30, "streaming")
+        node.queue.put(Update("model", str(tiny_model_path), origin="test"))
+        wait_for(lambda: node.config.model.id == str(tiny_model_path), 30, "the switch")
+        t_swap = time.monotonic()
+        wait_for(lambda: len(factory.closed) == 1, 10, "the old engine closed")
+        t_closed = time.monotonic()
+        old, new = factory.engines
+    finally:
+        node.stop()
+    assert factory.closed_on[0] == "model-loader" and factory.closed[0] is old
+    during = [t for t in sink.times if t_swap - 0.2 <= t <= t_closed]
+    assert t_closed - t_swap >= 1.0 and len(during) > 10  # the new engine served while the old one closed
+    assert max(b - a for a, b in zip(during, during[1:], strict=False)) < 0.5
+    assert factory.closed == [old, new]  # the winner closed when the node stopped
 
 
 def busy(seconds: float) -> None:

@@ -19,6 +19,8 @@ run would trust.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -26,7 +28,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -345,6 +347,43 @@ class EngineCache:
             return None
 
 
+class BuildAbandoned(RuntimeError):
+    """Raised by a fill (`misses_filled_by`) whose load is no longer wanted: nothing is built here either."""
+
+
+_FILL: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("streamnode_cache_fill", default=None)
+
+
+@contextlib.contextmanager
+def misses_filled_by(fill: Callable[[], None]) -> Iterator[None]:
+    """On this thread, an engine missing from the cache is first asked of `fill` (which builds
+    the engine's models into the cache somewhere else: node/prebuild.py, another process) and
+    looked up again; only what `fill` did not leave, or when it raised, is built here.
+    `fill` may be called once per miss: it runs its build once and remembers the outcome."""
+    token = _FILL.set(fill)
+    try:
+        yield
+    finally:
+        _FILL.reset(token)
+
+
+def _fill_and_find(cache: EngineCache, key: EngineKey) -> CacheEntry | None:
+    fill = _FILL.get()
+    if fill is None:
+        return None
+    try:
+        fill()
+    except BuildAbandoned:
+        raise
+    except Exception as e:  # noqa: BLE001 - the engine is built here instead, as without a fill
+        logger.warning("engine cache: %s was not built elsewhere (%s); building it here", key.component, e)
+        return None
+    entry = cache.find(key)
+    if entry is None:
+        logger.warning("engine cache: the build elsewhere left no %s for this key; building it here", key.component)
+    return entry
+
+
 def obtain_engine(
     cache: EngineCache,
     key: EngineKey,
@@ -357,7 +396,8 @@ def obtain_engine(
     """Load the cached engine for `key`, or build, store and load one. Returns (engine, entry, built).
 
     A cached file that fails to deserialize is removed and rebuilt once; a freshly built one
-    that fails is an error (rebuilding again would loop).
+    that fails is an error (rebuilding again would loop). Under `misses_filled_by`, a missing
+    engine is first left to be built elsewhere (built is then False: this process loaded it).
     """
     if not force:
         entry = cache.find(key)
@@ -369,6 +409,8 @@ def obtain_engine(
                 cache.remove(entry)
     if not allow_build:
         raise EngineCacheError(f"no usable {key.component} engine in {cache.root} and building is off")
+    if not force and (entry := _fill_and_find(cache, key)) is not None:
+        return load(entry), entry, False
     start = time.perf_counter()
     data = build()
     entry = cache.store(key, data, build_seconds=time.perf_counter() - start)

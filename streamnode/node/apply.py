@@ -204,8 +204,13 @@ class Applier:
         node = self.node
         if not node.config.osc.allow_model_switch:
             raise PermissionError("switching models is off; start the node with --allow-model-switch")
-        config = node.config.model_copy(update={"model": node.config.model.model_copy(update={"id": model_id})})
-        node.loader.request(LoadJob(config, update, node.live(), node.recent_input(), txt2img=node.txt2img))
+        state = node.live()
+        # Built for the steps in force, not the config's: its accelerated models are then made for
+        # the shapes it will run (another process makes what the cache lacks: node/prebuild.py).
+        stream = node.config.stream.model_copy(update={"t_index_list": tuple(state.params.t_index_list), "strength": None})
+        config = node.config.model_copy(update={"model": node.config.model.model_copy(update={"id": model_id}),
+                                                "stream": stream})
+        node.loader.request(LoadJob(config, update, state, node.recent_input(), txt2img=node.txt2img))
 
     def swap_in(self, new: Engine, job: LoadJob) -> None:
         """Make a loaded engine the node's (engine thread, at a frame boundary). What changed since
@@ -221,8 +226,8 @@ class Applier:
             node.install_engine(new, job.config)
         finally:
             if old is not None:
-                old.close()
-            del old  # its model is freed here (close broke its cycles), not at some later collection
+                node.loader.retire(old)  # closed off this thread; its model freed when closed (no cycles)
+            del old
         if node.freeze_heap:
             heap.collect_after_switch()  # what the load left as garbage goes now, not mid-frame later
         for index, image in node.control_maps.held():

@@ -6,9 +6,11 @@ request was made (parameters, brushes, their order and masks), and warms it with
 recent input frame (the stream fill, lazy kernels, compiled graphs), so its first call on the
 engine thread costs no more than any other. The engine thread then takes the result at a frame
 boundary (`take()`), brings it up to date with whatever changed during the load, and swaps
-(node/engine_loop.py). The loader shares the interpreter with the engine thread
-(node/interpreter_share.py), so a load slows the load, not the picture. One load at a time: a
-newer request supersedes a pending one, and an engine nobody will use is closed.
+(node/engine_loop.py). The engine that lost is handed back (`retire()`) and closed here too:
+closing an OpenVINO engine took 27-33 ms (its UNet's compiled model), which on the engine
+thread lengthened the frame of the swap by as much. The loader shares the interpreter with the
+engine thread (node/interpreter_share.py), so a load slows the load, not the picture. One load
+at a time: a newer request supersedes a pending one, and an engine nobody will use is closed.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streamnode.accel.cache import misses_filled_by
 from streamnode.config import NodeConfig
 from streamnode.control.updates import Update
 from streamnode.engine import Engine
 from streamnode.live_params import LiveState
 from streamnode.node.build import EngineFactory
 from streamnode.node.interpreter_share import sharing_the_interpreter
+from streamnode.node.prebuild import Prebuild
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +77,7 @@ class ModelLoader:
         self._lock = threading.Lock()
         self._next: LoadJob | None = None
         self._done: list[Loaded] = []
+        self._retired: list[Engine] = []
         self._thread: threading.Thread | None = None
         self._closed = False
         self.loading: str | None = None  # the model id being loaded, for status()
@@ -85,9 +90,24 @@ class ModelLoader:
             if self._next is not None:
                 self._done.append(Loaded(self._next, None, f"superseded by {job.config.model.id!r}"))
             self._next = job
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._work, name="model-loader", daemon=True)
-                self._thread.start()
+            self._wake()
+
+    def retire(self, engine: Engine) -> None:
+        """Close an engine that lost its place, off the engine thread (soon, in order). Never raises:
+        called in a `finally`; once the loader is closed, the engine is closed here and now."""
+        with self._lock:
+            if not self._closed:
+                self._retired.append(engine)
+                self._wake()
+                return
+        _close(engine)
+
+    def _wake(self) -> None:
+        """Start the worker if none runs (the lock is held; a worker that found nothing to do and
+        ends clears `_thread` under the same lock, so no request falls between)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="model-loader", daemon=True)
+            self._thread.start()
 
     def take(self) -> list[Loaded]:
         """Finished loads (engines to swap in, or failures to report), oldest first. Engine thread."""
@@ -98,11 +118,19 @@ class ModelLoader:
     def _work(self) -> None:
         while True:
             with self._lock:
-                job, self._next = self._next, None
-                if job is None or self._closed:
-                    self.loading = None
-                    return
-                self.loading = job.config.model.id
+                retired, self._retired = self._retired, []
+                job = None
+                if not retired:
+                    job, self._next = self._next, None
+                    if job is None or self._closed:
+                        self.loading = None
+                        self._thread = None
+                        return
+                    self.loading = job.config.model.id
+            if retired:
+                with sharing_the_interpreter():
+                    _close_each(retired)  # empties the list: nothing here keeps a closed model alive
+                continue
             try:
                 result = self._load(job)
             except Exception as e:  # noqa: BLE001 - a bug here must still end in a report, not a silent thread
@@ -116,6 +144,10 @@ class ModelLoader:
                     result = Loaded(job, None, "superseded" if superseded else "the node is stopping")
                 self._done.append(result)
 
+    def _abandoned(self) -> bool:
+        """The load in progress is no longer wanted: the node stops, or a newer request waits."""
+        return self._closed or self._next is not None
+
     def _load(self, job: LoadJob) -> Loaded:
         with sharing_the_interpreter():
             return self._build(job)
@@ -124,7 +156,9 @@ class ModelLoader:
         model = job.config.model.id
         logger.info("loading model %s (the current one keeps streaming)", model)
         try:
-            engine = self._factory(job.config)
+            # What the engine cache lacks is built in another process, not on this thread.
+            with misses_filled_by(Prebuild(job.config, abandoned=self._abandoned)):
+                engine = self._factory(job.config)
         except Exception as e:  # noqa: BLE001 - a model that will not load is reported, never fatal
             logger.debug("model %s failed to load", model, exc_info=True)
             return Loaded(job, None, str(e) or type(e).__name__)
@@ -148,6 +182,24 @@ class ModelLoader:
             thread = self._thread
         if thread is not None:
             thread.join(timeout)
+        with self._lock:
+            retired, self._retired = self._retired, []
+        _close_each(retired)
         for result in self.take():
             if result.engine is not None:
                 result.engine.close()
+
+
+def _close(engine: Engine) -> None:
+    """Close an engine that is no one's any more; a failure costs a log line, nothing else."""
+    try:
+        engine.close()
+    except Exception:  # noqa: BLE001 - the show goes on with the engine that replaced it
+        logger.exception("closing the replaced engine failed")
+
+
+def _close_each(engines: list[Engine]) -> None:
+    """Close and drop every engine in `engines`, oldest first."""
+    engines.reverse()
+    while engines:
+        _close(engines.pop())
