@@ -27,8 +27,10 @@ import gc
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -41,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from pythonosc.udp_client import SimpleUDPClient  # noqa: E402
 
+from streamnode.accel.cache import EngineCache  # noqa: E402
 from streamnode.config import NodeConfig, load_config  # noqa: E402
 from streamnode.diffusion.tiny import ensure_tiny_model  # noqa: E402
 from streamnode.engine import Engine  # noqa: E402
@@ -121,13 +124,26 @@ class GcLog:
         gc.callbacks.remove(self._on)
 
 
+def forget(folder: str) -> None:
+    """Remove a copied model and the engines built for it from the user's cache."""
+    engines = EngineCache().root
+    for sidecar in engines.glob("*/engine.json"):
+        if json.loads(sidecar.read_text()).get("key", {}).get("model", "").startswith(f"{folder}@"):
+            shutil.rmtree(sidecar.parent, ignore_errors=True)
+    shutil.rmtree(Path(folder).parent, ignore_errors=True)
+
+
 def measure(size: int, before_s: float, after_s: float, accel: str = "eager",
-            control_load_s: float | None = None) -> dict[str, Any]:
+            control_load_s: float | None = None, uncached: bool = False) -> dict[str, Any]:
     """One run. With `control_load_s`, a control run: no /model is sent, and the same figures
     are taken over a window as long as a switch's (that load time, then `after_s`), so the
     machine's own scatter of the longest gap against the slowest call before shows beside the
     switch's."""
     folder = str(ensure_tiny_model())
+    if uncached:  # the same weights under a path never seen: no engine of it is in the cache
+        copy = Path(tempfile.mkdtemp(prefix="sn-switch-")) / "tiny"
+        shutil.copytree(folder, copy)
+        folder = str(copy)
     segment = f"sn_switch{uuid.uuid4().hex[:6]}"
     cfg = load_config(preset="demo", overrides={
         "sinks": [f"shm://{segment}"], "stream.width": size, "stream.height": size, "runtime.duration": None,
@@ -164,6 +180,8 @@ def measure(size: int, before_s: float, after_s: float, accel: str = "eager",
         if reader is not None:
             reader.terminate()
     stamps = [float(line) for line in reader.stdout.read().split()] if reader is not None else []  # type: ignore[union-attr]
+    if uncached:
+        forget(folder)
 
     def widest(t0: float, t1: float) -> tuple[float, float]:
         """The longest gap between two frames read in [t0, t1], and when it began."""
@@ -217,11 +235,13 @@ def main() -> int:
     parser.add_argument("--accel", default="eager", help="model.accel of the node (default eager; auto: OpenVINO on a CPU)")
     parser.add_argument("--control", action="store_true",
                         help="after each switch, a run without one over as long a window: the machine's own scatter")
+    parser.add_argument("--uncached", action="store_true",
+                        help="switch to a copy of the model at a new path: its accelerated models are built during the switch")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     runs, controls = [], []
     for _ in range(args.runs):
-        runs.append(measure(args.size, args.before, args.after, args.accel))
+        runs.append(measure(args.size, args.before, args.after, args.accel, uncached=args.uncached))
         if args.control:
             controls.append(measure(args.size, args.before, args.after, args.accel, runs[-1]["load_s"]))
 
@@ -233,6 +253,7 @@ def main() -> int:
     result: dict[str, Any] = {
         "benchmark": "model_switch",
         "accel": args.accel,
+        "uncached": args.uncached,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "switches": summary(runs),
     }
