@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 from pythonosc.udp_client import SimpleUDPClient  # noqa: E402
 
 from streamnode.accel.cache import EngineCache  # noqa: E402
+from streamnode.accel.openvino_ir import FOLDER as IR_FOLDER  # noqa: E402
 from streamnode.config import NodeConfig, load_config  # noqa: E402
 from streamnode.diffusion.tiny import ensure_tiny_model  # noqa: E402
 from streamnode.engine import Engine  # noqa: E402
@@ -125,9 +126,9 @@ class GcLog:
 
 
 def forget(folder: str) -> None:
-    """Remove a copied model and the engines built for it from the user's cache."""
-    engines = EngineCache().root
-    for sidecar in engines.glob("*/engine.json"):
+    """Remove a copied model, and the engines and converted models kept for it, from the user's cache."""
+    root = EngineCache().root
+    for sidecar in [*root.glob("*/engine.json"), *root.glob(f"{IR_FOLDER}/*/ir.json")]:
         if json.loads(sidecar.read_text()).get("key", {}).get("model", "").startswith(f"{folder}@"):
             shutil.rmtree(sidecar.parent, ignore_errors=True)
     shutil.rmtree(Path(folder).parent, ignore_errors=True)

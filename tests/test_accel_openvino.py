@@ -248,6 +248,65 @@ def test_compiled_models_are_cached_and_a_corrupt_one_is_recompiled(tiny_compone
     restore(eng)
 
 
+def test_a_later_process_compiles_a_new_shape_from_the_kept_ir_without_converting(
+    tiny_components, tmp_path, caplog, monkeypatch  # noqa: ANN001
+) -> None:
+    """A node started from the cache (or switched to a model another process built) compiles a
+    shape first seen during the show from the converted model kept on disk: no tracing beside the
+    serving engine. A damaged one is converted again."""
+    from collections import OrderedDict
+
+    import streamnode.accel.openvino as openvino_backend
+    from streamnode.accel.cache import EngineCache
+
+    conversions: list[str] = []
+    real_convert = openvino_backend.convert
+
+    def counting_convert(components, component, shapes):  # noqa: ANN001, ANN202
+        conversions.append(component)
+        return real_convert(components, component, shapes)
+
+    monkeypatch.setattr(openvino_backend, "convert", counting_convert)
+    monkeypatch.setattr(openvino_backend, "_CONVERTED", OrderedDict())  # this process has converted nothing
+    cache = EngineCache(tmp_path)
+    kw = dict(t_index_list=[32, 45], width=SIZE, height=SIZE, cfg_type="none", seed=3)
+    ref, eng = StreamEngine.from_components(tiny_components, **kw), StreamEngine.from_components(tiny_components, **kw)
+    for e in (ref, eng):
+        e.prepare(prompt="a lighthouse")
+    assert accelerate(eng, "openvino", threads=1, cache=cache) == "openvino"
+    restore(eng)
+    assert sorted(conversions) == ["unet", "vae_decoder", "vae_encoder"]
+    kept = sorted(p.parent.name.split("-")[0] for p in (tmp_path / "openvino-ir").glob("*/ir.json"))
+    assert kept == ["unet", "vae_decoder", "vae_encoder"]
+
+    def later_process_with_rows(rows: list[int]) -> None:
+        monkeypatch.setattr(openvino_backend, "_CONVERTED", OrderedDict())
+        assert accelerate(eng, "openvino", threads=1, cache=cache) == "openvino"  # every shape imported
+        try:
+            for e in (ref, eng):
+                e.update(t_index_list=rows)
+            frame = _frames(1)[0]
+            assert _levels(ref(frame), eng(frame)) <= FP32_LEVELS  # PyTorch served it; compiling in the background
+            _settle(eng)
+            served_by_pytorch = describe_seams(eng)["unet_call"]["fallback_calls"]
+            assert _levels(ref(frame), eng(frame)) <= FP32_LEVELS
+            assert describe_seams(eng)["unet_call"]["fallback_calls"] == served_by_pytorch  # OpenVINO took it
+        finally:
+            restore(eng)
+
+    conversions.clear()
+    later_process_with_rows([20, 30, 40])
+    assert conversions == []
+
+    unet = next((tmp_path / "openvino-ir").glob("unet-*"))
+    weights = unet / "model.bin"
+    weights.write_bytes(weights.read_bytes()[:-64] + bytes(64))
+    with caplog.at_level(logging.WARNING, logger="streamnode.accel"):
+        later_process_with_rows([10, 20, 30, 40])
+    assert conversions == ["unet"]
+    assert "model.bin fails its checksum" in caplog.text and "converting it again" in caplog.text
+
+
 # -- choosing and falling back -------------------------------------------------------------------
 
 

@@ -1,8 +1,9 @@
 """OpenVINO: the UNet and both VAE halves compiled for a CPU, an Intel GPU or an NPU.
 
 Conversion: OpenVINO's own PyTorch converter traces the very modules the ONNX export uses
-(`onnx_export.component_module`: the seams' math, latent scaling included), once per process
-and component, at the engine's resolution.
+(`onnx_export.component_module`: the seams' math, latent scaling included), at the engine's
+resolution, once per model, component and weights: the converted model is remembered by the
+process and kept on disk as IR (openvino_ir.py) for the processes after it.
 
 Compilation: one *static* model per input shape. The tiny UNet at 256² ran 2× faster static
 than with dynamic axes on this project's CPU, and an NPU takes static shapes only. The stream's
@@ -56,6 +57,7 @@ from streamnode.accel.cache import (
     weights_fingerprint,
 )
 from streamnode.accel.onnx_export import component_module, vae_scale
+from streamnode.accel.openvino_ir import IrStore
 from streamnode.accel.profile import SIZE_MULTIPLE, EngineProfile
 
 logger = logging.getLogger(__name__)
@@ -272,14 +274,24 @@ _CONVERTED_KEEP = 3
 same weights, or a new shape, compiles without tracing again; a model switch evicts the old)."""
 
 
-def converted(components: Any, component: str, shapes: Shapes, weights: str) -> Any:
-    """`convert()`, remembered per (model, component, weights) for the process."""
+def converted(components: Any, component: str, shapes: Shapes, weights: str, store: IrStore | None = None) -> Any:
+    """`convert()`, remembered per (model, component, weights) for the process, and kept in
+    `store` for the processes after it (openvino_ir.py: a new shape then never traces)."""
     key = (str(components.identity), component, weights)
     with _CONVERTED_LOCK:
         if key in _CONVERTED:
             _CONVERTED.move_to_end(key)
             return _CONVERTED[key]
-    model = convert(components, component, shapes)
+    model = None
+    if store is not None:
+        import openvino as ov
+
+        stored = IrStore.key(*key, openvino_version=_version(ov))
+        model = store.read(stored)
+    if model is None:
+        model = convert(components, component, shapes)
+        if store is not None:
+            store.write(stored, model)
     with _CONVERTED_LOCK:
         _CONVERTED[key] = model
         while len(_CONVERTED) > _CONVERTED_KEEP:
@@ -407,7 +419,7 @@ class OvComponent:
 
         def build() -> bytes:
             with self._lock:  # the engine's start and the background compiler may both get here
-                model = converted(self.components, self.component, shapes, self.weights)
+                model = converted(self.components, self.component, shapes, self.weights, IrStore(self.cache.root))
             compiled = core.compile_model(_static(model, self.component, shapes), self.target.device, config)
             blob = compiled.export_model()
             return blob.getvalue() if isinstance(blob, io.BytesIO) else bytes(blob)
