@@ -274,24 +274,21 @@ _CONVERTED_KEEP = 3
 same weights, or a new shape, compiles without tracing again; a model switch evicts the old)."""
 
 
-def converted(components: Any, component: str, shapes: Shapes, weights: str, store: IrStore | None = None) -> Any:
+def converted(components: Any, component: str, shapes: Shapes, weights: str, store: IrStore) -> Any:
     """`convert()`, remembered per (model, component, weights) for the process, and kept in
     `store` for the processes after it (openvino_ir.py: a new shape then never traces)."""
+    import openvino as ov
+
     key = (str(components.identity), component, weights)
     with _CONVERTED_LOCK:
         if key in _CONVERTED:
             _CONVERTED.move_to_end(key)
             return _CONVERTED[key]
-    model = None
-    if store is not None:
-        import openvino as ov
-
-        stored = IrStore.key(*key, openvino_version=_version(ov))
-        model = store.read(stored)
+    stored = IrStore.key(*key, openvino_version=_version(ov))
+    model = store.read(stored)
     if model is None:
         model = convert(components, component, shapes)
-        if store is not None:
-            store.write(stored, model)
+        store.write(stored, model)
     with _CONVERTED_LOCK:
         _CONVERTED[key] = model
         while len(_CONVERTED) > _CONVERTED_KEEP:
