@@ -7,61 +7,33 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from support import small_config, tiny_factory, wait_for
+from support import clock_sinks, small_config, tiny_factory, wait_for
 
 from streamnode.control.updates import Update
-from streamnode.frames import Frame
-from streamnode.io import base
 from streamnode.node import Node
 from streamnode.tempo.clock import InternalClock
 
-
-class Stamps:
-    """A sink that keeps when each frame left the node (registered as stamps://)."""
-
-    last: Stamps | None = None
-    handed: list[float] = []
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        Stamps.last = self
-
-    @classmethod
-    def from_uri(cls, uri: str, target: str, params: Any, options: Any) -> Stamps:
-        return cls()
-
-    uri = "stamps://"
-    pace_fps = None
-
-    def open(self) -> None:
-        pass
-
-    def send(self, frame: Frame) -> None:
-        self.times.append(time.monotonic())
-
-    def close(self) -> None:
-        pass
+HANDED: list[float] = []
+"""When the engine thread handed each frame to the outputs."""
 
 
 @pytest.fixture(scope="module")
 def node(components) -> Iterator[tuple[Node, InternalClock]]:  # noqa: ANN001
-    base.register_sink("stamps", Stamps)
     clock = InternalClock(240.0, 4)  # a beat every 0.25 s
-    n = Node(small_config(sinks=["stamps://"]), engine_factory=tiny_factory(components), clock=clock)
-    # Stamped as the engine thread hands a frame to the outputs: the first stamp after a change's
-    # report is the frame computed with it (the sink thread may still be sending the one before).
-    publish = n.outputs.publish
-    n.outputs.publish = lambda image, tag: (publish(image, tag), Stamps.handed.append(time.monotonic()))[0]
-    n.start()
-    try:
-        wait_for(lambda: n.frames_out > 3, 60.0, "streaming")
-        yield n, clock
-    finally:
-        n.stop()
-        base._SINKS.pop("stamps", None)
+    with clock_sinks():
+        n = Node(small_config(sinks=["clock://"]), engine_factory=tiny_factory(components), clock=clock)
+        # Stamped as the engine thread hands a frame to the outputs: the first stamp after a change's
+        # report is the frame computed with it (the sink thread may still be sending the one before).
+        publish = n.outputs.publish
+        n.outputs.publish = lambda image, tag: (publish(image, tag), HANDED.append(time.monotonic()))[0]
+        n.start()
+        try:
+            wait_for(lambda: n.frames_out > 3, 60.0, "streaming")
+            yield n, clock
+        finally:
+            n.stop()
 
 
 def test_a_quantized_change_waits_for_its_beat_and_leaves_on_it(node) -> None:  # noqa: ANN001
@@ -83,7 +55,7 @@ def test_a_quantized_change_waits_for_its_beat_and_leaves_on_it(node) -> None:  
         assert line in (clock.at(t_sent).beat // 1 + 1, clock.at(t_sent).beat // 1 + 2), "the next beat (or the one after)"
         t_line = t_sent + clock.at(t_sent).seconds_to(line)
         assert t_apply >= t_line - lookahead - 0.01, "held until the beat, less the lookahead"
-        first_out = wait_for(lambda t=t_apply: next((s for s in Stamps.handed if s > t), None), 5.0, "a frame")
+        first_out = wait_for(lambda t=t_apply: next((s for s in HANDED if s > t), None), 5.0, "a frame")
         errors.append(first_out - t_line)
     call_s = max(n.engine_ms / 1000.0, 1 / 30)
     # Within one engine call (or input frame) of the beat, plus scheduling slack on a busy CPU;
